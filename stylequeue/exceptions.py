@@ -1,0 +1,72 @@
+"""Every exception stylequeue raises, in one place.
+
+Messages are for the person who sent the job: each says what was wrong and how to fix it.
+``permanent`` tells the service whether retrying could ever help; a permanent error fails a
+job at once instead of burning its retry budget.
+"""
+
+from __future__ import annotations
+
+
+class StyleQueueError(Exception):
+    """Base class. ``permanent`` errors are never retried by the service."""
+
+    permanent: bool = True
+
+
+class ConfigError(StyleQueueError, ValueError):
+    """A setting, preset or job parameter is invalid (unknown layer, NaN weight, ...)."""
+
+
+class JobSpecError(ConfigError):
+    """A submitted job spec failed validation before anything was queued."""
+
+
+class ImageError(StyleQueueError, ValueError):
+    """An input could not be decoded as an image (empty, not an image, truncated, ...)."""
+
+
+class ImageTooLargeError(ImageError):
+    """An input or requested output exceeds the pixel limit (or is a decompression bomb)."""
+
+
+class WeightsError(StyleQueueError):
+    """VGG19 weights could not be loaded (missing, corrupt, wrong shapes, bad checksum)."""
+
+
+class WeightsUnavailableError(WeightsError):
+    """The requested weights source cannot be reached (for example no network for ``imagenet``)."""
+
+
+class WeightsChecksumError(WeightsError):
+    """The weights file's sha256 does not match the one that was asked for."""
+
+
+class StorageError(StyleQueueError):
+    """Object storage failed. Transient subclasses are retried; the rest fail the job at once."""
+
+
+class TransientStorageError(StorageError):
+    """Connection refused, timeout, 5xx, throttling: worth retrying with backoff."""
+
+    permanent = False
+
+
+class ObjectNotFoundError(StorageError):
+    """The named object (or its bucket) does not exist."""
+
+
+class AccessDeniedError(StorageError):
+    """The URI is outside the buckets/prefixes this deployment allows, or climbs out of its root."""
+
+
+class UnsupportedURIError(StorageError, ValueError):
+    """The URI's scheme is not one stylequeue can read or write."""
+
+
+class JobCancelledError(StyleQueueError):
+    """The job was cancelled by its producer."""
+
+
+class JobTimeoutError(StyleQueueError):
+    """The job ran past its time limit."""

@@ -1,0 +1,168 @@
+"""The Celery app and its configuration, and nothing else.
+
+Workers start it with ``celery -A stylequeue.tasks.app worker -Q gpu``; producers, the scheduler
+and Flower import it too, so this module must stay light: no torch, no engine imports. The tasks
+live in :mod:`stylequeue.tasks.jobs`, which only a worker imports (through ``include``); producers
+send tasks by their names below.
+
+Every value here comes from :class:`stylequeue.settings.Settings`; the choices that are not
+settings are the ones minutes-long GPU jobs need (late acks, prefetch of one, re-queue when a
+worker process dies, JSON only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from stylequeue.exceptions import ConfigError
+from stylequeue.settings import Settings, load_settings
+
+# Explicit, namespaced task names: producers send by name and never import the task module.
+TASK_VALIDATE = "stylequeue.validate"
+TASK_STYLIZE = "stylequeue.stylize"
+TASK_PUBLISH = "stylequeue.publish"
+TASK_CONTACT_SHEET = "stylequeue.contact_sheet"
+TASK_SCAN_MANIFESTS = "stylequeue.scan_manifests"
+TASK_EXPIRE_PREVIEWS = "stylequeue.expire_previews"
+
+# Redis emulates priorities with one list per step; 0 is served first (the opposite of AMQP).
+PRIORITY_STEPS = list(range(10))
+DEFAULT_PRIORITY = 5
+
+
+def _is_redis(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://", "redis+socket://", "sentinel://"))
+
+
+def _filesystem_broker_options(settings: Settings) -> dict[str, Any]:
+    """Folders for kombu's filesystem transport: one machine, no server.
+
+    Producer and worker must read and write the same folder, so ``data_folder_in`` and
+    ``data_folder_out`` are one path. kombu does not create them, so we do.
+    """
+    root = Path(settings.data_dir) / "broker"
+    folders = {
+        "data_folder_in": root / "queue",
+        "data_folder_out": root / "queue",
+        "control_folder": root / "control",
+        "processed_folder": root / "processed",
+    }
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    return {key: str(path) for key, path in folders.items()}
+
+
+def _check_limits(settings: Settings) -> None:
+    """A visibility timeout shorter than a job makes Redis hand a running job to a second worker."""
+    if settings.job_soft_time_limit >= settings.job_time_limit:
+        raise ConfigError(
+            f"job_soft_time_limit ({settings.job_soft_time_limit}s) must be below job_time_limit "
+            f"({settings.job_time_limit}s) so a job can clean up before it is killed"
+        )
+    if settings.visibility_timeout <= settings.job_time_limit:
+        raise ConfigError(
+            f"visibility_timeout ({settings.visibility_timeout}s) must exceed job_time_limit "
+            f"({settings.job_time_limit}s), or Redis redelivers jobs that are still running; "
+            "raise STYLEQUEUE_VISIBILITY_TIMEOUT"
+        )
+
+
+def _queues(settings: Settings) -> tuple[Queue, Queue]:
+    # x-max-priority matters on AMQP brokers; Redis uses priority_steps below instead.
+    return tuple(
+        Queue(
+            name,
+            Exchange(name, type="direct"),
+            routing_key=name,
+            queue_arguments={"x-max-priority": max(PRIORITY_STEPS)},
+        )
+        for name in (settings.gpu_queue, settings.light_queue)
+    )
+
+
+def _routes(settings: Settings) -> dict[str, dict[str, str]]:
+    """All routing in one place: the optimisation takes a GPU, everything else is light."""
+    light = {"queue": settings.light_queue, "routing_key": settings.light_queue}
+    return {
+        TASK_VALIDATE: light,
+        TASK_STYLIZE: {"queue": settings.gpu_queue, "routing_key": settings.gpu_queue},
+        TASK_PUBLISH: light,
+        TASK_CONTACT_SHEET: light,
+        TASK_SCAN_MANIFESTS: light,
+        TASK_EXPIRE_PREVIEWS: light,
+    }
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for ``settings`` as a plain dict (printed by ``--help``-style tools)."""
+    _check_limits(settings)
+    broker_url = settings.resolved_broker_url
+    backend_url = settings.resolved_result_backend
+    broker_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    if _is_redis(broker_url):
+        broker_options.update(queue_order_strategy="priority", priority_steps=PRIORITY_STEPS)
+    if broker_url.startswith("filesystem://"):
+        broker_options.update(_filesystem_broker_options(settings))
+    if backend_url.startswith("file://"):
+        Path(backend_url[len("file://"):]).mkdir(parents=True, exist_ok=True)
+
+    return {
+        "broker_url": broker_url,
+        "result_backend": backend_url,
+        # JSON only: a pickled message is refused, so no producer can make a worker run code.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Minutes-long jobs: acknowledge after the work, take one at a time, and put a job back
+        # on the queue when its worker process dies (redeliveries are bounded in jobs.py).
+        "task_acks_late": True,
+        "worker_prefetch_multiplier": 1,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Celery reads the visibility timeout from both option dicts (broker and result backend).
+        "broker_transport_options": broker_options,
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "task_soft_time_limit": settings.job_soft_time_limit,
+        "task_time_limit": settings.job_time_limit,
+        "task_track_started": True,
+        "result_expires": settings.result_expires,
+        "result_extended": True,
+        # Events for Flower: task-sent from producers, the rest (and task-progress) from workers.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "broker_connection_retry_on_startup": True,
+        "task_queues": _queues(settings),
+        "task_default_queue": settings.light_queue,
+        "task_default_exchange": settings.light_queue,
+        "task_default_routing_key": settings.light_queue,
+        "task_default_priority": DEFAULT_PRIORITY,
+        "task_queue_max_priority": max(PRIORITY_STEPS),
+        "task_routes": _routes(settings),
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    """Build the stylequeue Celery app from ``settings`` (or from the environment)."""
+    settings = settings or load_settings()
+    app = Celery("stylequeue", include=["stylequeue.tasks.jobs"], set_as_current=False)
+    app.conf.update(celery_config(settings))
+    # Tasks, the scheduler and the beat schedule read the same Settings the app was built from.
+    app.stylequeue_settings = settings  # type: ignore[attr-defined]
+    return app
+
+
+def settings_of(app: Celery) -> Settings:
+    """The :class:`Settings` an app was built with (``load_settings()`` for a foreign app)."""
+    return getattr(app, "stylequeue_settings", None) or load_settings()
+
+
+app = make_app()

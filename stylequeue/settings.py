@@ -88,6 +88,12 @@ class Settings:
     # "user:password[,user2:password2]"; required unless flower_insecure_no_auth is set.
     flower_basic_auth: str = ""
     flower_insecure_no_auth: bool = False
+    # Seconds after which Flower forgets a worker that went offline (scaled-down pods).
+    flower_purge_offline_workers: int = 300
+
+    # Queue-length exporter (`stylequeue metrics`), what autoscalers read.
+    metrics_port: int = 9540
+    metrics_address: str = "127.0.0.1"
 
     @property
     def resolved_broker_url(self) -> str:

@@ -1,0 +1,170 @@
+"""Small shared flags that producers and workers both reach: cancel, delivery counts, job claims.
+
+They live in the result backend's key-value store, because that is the one store every
+producer and every worker is already configured for: Redis in a deployment, a folder for the
+zero-server default. Nothing here goes through the broker, so a flag set while a job runs is seen
+by the optimisation loop at its next poll.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Protocol
+
+from celery import Celery
+
+from stylequeue.exceptions import ConfigError
+
+KEY_PREFIX = "stylequeue-"
+
+
+class KeyValue(Protocol):
+    """The four operations the control flags need, with atomic ``add`` and ``incr``."""
+
+    def get(self, key: str) -> str | None: ...
+    def add(self, key: str, value: str) -> bool: ...
+    def incr(self, key: str) -> int: ...
+    def delete(self, key: str) -> None: ...
+
+
+class RedisKeyValue:
+    """Control keys in the Redis result backend; they expire with the results."""
+
+    def __init__(self, client: object, expires_s: int) -> None:
+        self.client = client
+        self.expires_s = expires_s
+
+    def get(self, key: str) -> str | None:
+        value = self.client.get(key)  # type: ignore[attr-defined]
+        return value.decode() if isinstance(value, bytes) else value
+
+    def add(self, key: str, value: str) -> bool:
+        return bool(self.client.set(key, value, nx=True, ex=self.expires_s))  # type: ignore[attr-defined]
+
+    def incr(self, key: str) -> int:
+        pipe = self.client.pipeline()  # type: ignore[attr-defined]
+        pipe.incr(key)
+        pipe.expire(key, self.expires_s)
+        return int(pipe.execute()[0])
+
+    def delete(self, key: str) -> None:
+        self.client.delete(key)  # type: ignore[attr-defined]
+
+
+class FileKeyValue:
+    """Control keys as files next to the file result backend's results (one machine).
+
+    ``add`` uses O_EXCL and ``incr`` an flock, so concurrent worker processes stay correct.
+    Celery's own result cleanup removes them once they are older than ``result_expires``.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key
+
+    def get(self, key: str) -> str | None:
+        try:
+            return self._path(key).read_text() or None
+        except FileNotFoundError:
+            return None
+
+    def add(self, key: str, value: str) -> bool:
+        try:
+            fd = os.open(self._path(key), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value)
+        return True
+
+    def incr(self, key: str) -> int:
+        fd = os.open(self._path(key), os.O_RDWR | os.O_CREAT, 0o644)
+        with os.fdopen(fd, "r+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            count = int(fh.read() or 0) + 1
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(count))
+        return count
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+def key_value(app: Celery) -> KeyValue:
+    """The control store behind ``app``'s result backend (Redis or file)."""
+    backend = app.backend
+    client = getattr(backend, "client", None)
+    if client is not None and hasattr(client, "incr"):
+        return RedisKeyValue(client, int(app.conf.result_expires or 7 * 24 * 3600))
+    path = getattr(backend, "path", None)
+    if path is not None:
+        return FileKeyValue(path.decode() if isinstance(path, bytes) else path)
+    raise ConfigError(
+        f"the result backend {type(backend).__name__} cannot hold cancel flags and job claims; "
+        "set STYLEQUEUE_RESULT_BACKEND to a redis:// URL (or leave it empty for the file default)"
+    )
+
+
+class JobControl:
+    """Cancel flags, delivery counters and submit-time claims for jobs, by job id."""
+
+    def __init__(self, app: Celery, store: KeyValue | None = None) -> None:
+        self.store = store or key_value(app)
+
+    # Cancellation -------------------------------------------------------------------------
+    def request_cancel(self, job_id: str) -> None:
+        """Ask every task of ``job_id`` to stop; honoured at the next poll or task start."""
+        self.store.add(f"{KEY_PREFIX}cancel-{job_id}", str(time.time()))
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return self.store.get(f"{KEY_PREFIX}cancel-{job_id}") is not None
+
+    def clear_cancel(self, job_id: str) -> None:
+        self.store.delete(f"{KEY_PREFIX}cancel-{job_id}")
+
+    # Redeliveries -------------------------------------------------------------------------
+    def count_delivery(self, task_id: str, retries: int) -> int:
+        """How many times this task message (id + retry number) has started, this one included.
+
+        A retry is a new message with the same task id, so the retry number is part of the key:
+        only redeliveries of the same message (worker killed, connection lost) add up.
+        """
+        return self.store.incr(f"{KEY_PREFIX}deliveries-{task_id}-{retries}")
+
+    # Idempotent submission ----------------------------------------------------------------
+    def claim(self, job_id: str) -> bool:
+        """True for the first submitter of ``job_id``; False when it was already submitted."""
+        return self.store.add(f"{KEY_PREFIX}job-{job_id}", str(time.time()))
+
+    def release(self, job_id: str) -> None:
+        """Let ``job_id`` be submitted again (after it failed or was cancelled)."""
+        self.store.delete(f"{KEY_PREFIX}job-{job_id}")
+
+
+class CancelPoller:
+    """``should_stop`` for the engine: reads the cancel flag at most every ``interval_s``.
+
+    The engine polls every iteration; a Redis round trip per iteration would be wasted on
+    small images, so the answer is cached for half a second.
+    """
+
+    def __init__(self, control: JobControl, job_id: str, interval_s: float = 0.5) -> None:
+        self.control = control
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self._checked_at = 0.0
+        self.cancelled = False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if not self.cancelled and now - self._checked_at >= self.interval_s:
+            self._checked_at = now
+            self.cancelled = self.control.is_cancelled(self.job_id)
+        return self.cancelled

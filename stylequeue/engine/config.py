@@ -1,0 +1,221 @@
+"""StyleConfig: every engine default, written once, and its validation.
+
+The CLI, the job spec and the presets read defaults from here; nothing else repeats them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from stylequeue.engine.vgg import POOLINGS, check_layers
+from stylequeue.exceptions import ConfigError
+
+OPTIMIZERS = ("adam", "lbfgs")
+INITS = ("content", "noise", "image")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# How a Gram matrix of (C, H, W) features is scaled before the style MSE:
+# "chw" divides by C*H*W (size-independent); "sqrt_chw" divides by sqrt(C*H*W), which makes
+# mean((G - A)^2) equal the seed's mean((F F^T - S S^T)^2) / (C*H*W) exactly.
+GRAM_NORMS = ("chw", "sqrt_chw")
+# Which tensor the optimiser updates: "pixel" is RGB in [0, 1] (clamped after each step);
+# "normalized" is the ImageNet-normalised tensor, unclamped, as in the seed's code.
+SPACES = ("pixel", "normalized")
+
+MAX_ITERATIONS = 100_000
+MIN_SIZE = 16
+MAX_SIZE = 8192
+MAX_SCALES = 10
+
+RELU_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+
+
+def gatys_style_layer_weights(
+    style_to_content: float = 1e3, size: int = 512, channels: tuple[int, ...] = (64, 128, 256, 512, 512)
+) -> tuple[float, ...]:
+    """Per-layer style weights that make our normalised losses equal Gatys et al.'s (2015) ratio.
+
+    The paper's style term per layer is w_l / (4 N^2 M^2) * sum (G - A)^2 with w_l = 1/5, which
+    is w_l * N^2 / 4 * mse(G / (N M)); its content term 1/2 * sum (F - P)^2 is (N M / 2) * mse
+    at relu4_2 (512 channels, (size / 8)^2 positions). Dividing by the content factor leaves
+    content weight 1 and these style layer weights, for beta / alpha = ``style_to_content``.
+    """
+    content_factor = 512 * (size / 8) ** 2 / 2
+    return tuple(round(style_to_content * 0.2 * c * c / 4 / content_factor, 6) for c in channels)
+
+
+@dataclass(frozen=True)
+class StyleConfig:
+    """One style-transfer job's parameters. ``iterations`` counts steps at EACH scale.
+
+    These defaults ARE the ``default`` preset: tune the engine's default here, in one place.
+    """
+
+    size: int = 512  # longest side of the output, pixels
+    iterations: int = 300  # optimiser steps per scale
+    optimizer: str = "adam"
+    lr: float = 0.02  # in units of the optimised space (see ``space``)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam only
+    space: str = "pixel"
+    content_layers: tuple[str, ...] = ("relu4_2",)
+    content_layer_weights: tuple[float, ...] | None = None  # None: 1.0 for every layer
+    style_layers: tuple[str, ...] = RELU_STYLE_LAYERS
+    style_layer_weights: tuple[float, ...] | None = gatys_style_layer_weights()  # None: 1.0 each
+    content_weight: float = 1.0
+    style_weight: float = 1.0
+    tv_weight: float = 0.0
+    gram_norm: str = "chw"
+    style_blend_weights: tuple[float, ...] | None = None  # None: equal; normalised to sum 1
+    style_scale: float = 1.0  # style's longest side = style_scale * the output's longest side
+    original_colors: bool = False  # luminance-only transfer (Gatys et al. 2016)
+    init: str = "content"
+    pooling: str = "avg"
+    scales: int = 1  # coarse-to-fine sizes, geometric from min_size to size
+    min_size: int = 128
+    ema_decay: float = 0.0  # iterate averaging of the image; 0 = off
+    seed: int = 0
+    progress_every: int = 10
+    checkpoint_every: int = 0  # 0 = never
+    device: str = "auto"
+    precision: str = "auto"
+
+    def validate(self) -> "StyleConfig":
+        """Raise ConfigError saying what is wrong and how to fix it; return self when valid."""
+        _check_choices(self)
+        _check_numbers(self)
+        _check_layers(self)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples become lists)."""
+        return {
+            f.name: list(v) if isinstance(v, tuple) else v
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StyleConfig":
+        """Inverse of :meth:`to_dict`; rejects unknown keys; validates."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown style setting(s) {unknown}; valid settings are: {', '.join(sorted(known))}"
+            )
+        return cls().replace(**data)
+
+    def replace(self, **changes: Any) -> "StyleConfig":
+        """A validated copy with ``changes`` (lists are turned into tuples)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown style setting(s) {unknown}; valid settings are: {', '.join(sorted(known))}"
+            )
+        coerced = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+        return dataclasses.replace(self, **coerced).validate()
+
+    @property
+    def num_scales(self) -> int:
+        return self.scales
+
+    @property
+    def total_iterations(self) -> int:
+        return self.iterations * self.scales
+
+
+def _check_choices(cfg: StyleConfig) -> None:
+    for name, allowed in (
+        ("optimizer", OPTIMIZERS),
+        ("init", INITS),
+        ("pooling", POOLINGS),
+        ("precision", PRECISIONS),
+        ("gram_norm", GRAM_NORMS),
+        ("space", SPACES),
+    ):
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+    if not isinstance(cfg.device, str) or not cfg.device:
+        raise ConfigError(f"device must be 'auto' or a torch device name like 'cuda:0', got {cfg.device!r}")
+    if not isinstance(cfg.original_colors, bool):
+        raise ConfigError(f"original_colors must be true or false, got {cfg.original_colors!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if not _is_int(value) or not low <= value <= high:
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+
+
+def _check_weight(name: str, value: Any, *, positive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        need = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ConfigError(f"{name} must be {need}, got {value!r}")
+
+
+def _check_numbers(cfg: StyleConfig) -> None:
+    _check_int("size", cfg.size, MIN_SIZE, MAX_SIZE)
+    _check_int("iterations", cfg.iterations, 1, MAX_ITERATIONS)
+    _check_int("scales", cfg.scales, 1, MAX_SCALES)
+    _check_int("min_size", cfg.min_size, MIN_SIZE, MAX_SIZE)
+    if cfg.scales > 1 and cfg.min_size >= cfg.size:
+        raise ConfigError(
+            f"min_size ({cfg.min_size}) must be below size ({cfg.size}) for a multi-scale run; "
+            "lower min_size or set scales to 1"
+        )
+    _check_int("seed", cfg.seed, 0, 2**63 - 1)
+    _check_int("progress_every", cfg.progress_every, 1, MAX_ITERATIONS)
+    _check_int("checkpoint_every", cfg.checkpoint_every, 0, MAX_ITERATIONS)
+    _check_weight("lr", cfg.lr, positive=True)
+    for name in ("content_weight", "style_weight", "tv_weight"):
+        _check_weight(name, getattr(cfg, name))
+    _check_weight("style_scale", cfg.style_scale, positive=True)
+    if cfg.style_scale > 8:
+        raise ConfigError(f"style_scale must be at most 8, got {cfg.style_scale}")
+    if len(cfg.betas) != 2 or not all(_finite_in(b, 0.0, 1.0) for b in cfg.betas):
+        raise ConfigError(f"betas must be two numbers in [0, 1), got {cfg.betas!r}")
+    if not _finite_in(cfg.ema_decay, 0.0, 1.0):
+        raise ConfigError(f"ema_decay must be in [0, 1) (0 turns averaging off), got {cfg.ema_decay!r}")
+    if cfg.style_blend_weights is not None:
+        for w in cfg.style_blend_weights:
+            _check_weight("each style blend weight", w)
+        if sum(cfg.style_blend_weights) <= 0:
+            raise ConfigError("style_blend_weights must not all be zero")
+
+
+def _finite_in(value: Any, low: float, high: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and low <= value < high
+
+
+def _check_layers(cfg: StyleConfig) -> None:
+    for kind in ("content", "style"):
+        layers = getattr(cfg, f"{kind}_layers")
+        weights = getattr(cfg, f"{kind}_layer_weights")
+        if not layers:
+            raise ConfigError(f"{kind}_layers must name at least one VGG19 layer")
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"{kind}_layers lists a layer twice: {list(layers)}")
+        check_layers(layers, what=f"{kind} layer")
+        if weights is not None:
+            if len(weights) != len(layers):
+                raise ConfigError(
+                    f"{kind}_layer_weights has {len(weights)} values for {len(layers)} "
+                    f"{kind}_layers; give one weight per layer"
+                )
+            for w in weights:
+                _check_weight(f"each {kind} layer weight", w)
+
+
+def layer_weights(layers: tuple[str, ...], weights: tuple[float, ...] | None) -> dict[str, float]:
+    """{layer: weight}, 1.0 each when no weights are given."""
+    return dict(zip(layers, weights if weights is not None else (1.0,) * len(layers)))
+
+

@@ -1,0 +1,73 @@
+"""Named starting points: ``seed``, ``gatys`` and ``default``.
+
+Each preset is a dict of overrides on :class:`StyleConfig`'s defaults (``default`` is those
+defaults themselves), so a job spec can name a preset and override any field.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from stylequeue.engine.config import RELU_STYLE_LAYERS, StyleConfig, gatys_style_layer_weights
+from stylequeue.exceptions import ConfigError
+
+_SEED_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
+
+PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        # The seed document's code (yunjey/pytorch-tutorial, neural_style_transfer/main.py):
+        # loss = sum_l mean((F - P)^2) + 100 * sum_l mean((F F^T - S S^T)^2) / (c h w), Adam on
+        # the ImageNet-normalised image, never clamped. "sqrt_chw" Gram scaling reproduces that
+        # style term exactly; space "normalized" reproduces the dynamics.
+        "seed": {
+            "size": 400,
+            "iterations": 2000,
+            "optimizer": "adam",
+            "lr": 0.003,
+            "betas": (0.5, 0.999),
+            "space": "normalized",
+            "content_layers": _SEED_LAYERS,
+            "content_layer_weights": None,
+            "style_layers": _SEED_LAYERS,
+            "style_layer_weights": None,
+            "content_weight": 1.0,
+            "style_weight": 100.0,
+            "tv_weight": 0.0,
+            "gram_norm": "sqrt_chw",
+            "init": "content",
+            "pooling": "max",
+            "scales": 1,
+            "ema_decay": 0.0,
+        },
+        # Gatys, Ecker & Bethge (2015/2016): relu4_2 content, relu1_1..relu5_1 style with equal
+        # paper weights (see gatys_style_layer_weights), L-BFGS, average pooling ("slightly more
+        # appealing results"), white-noise start.
+        "gatys": {
+            "size": 512,
+            "iterations": 500,
+            "optimizer": "lbfgs",
+            "lr": 1.0,
+            "space": "pixel",
+            "content_layers": ("relu4_2",),
+            "content_layer_weights": None,
+            "style_layers": RELU_STYLE_LAYERS,
+            "style_layer_weights": gatys_style_layer_weights(),
+            "tv_weight": 0.0,
+            "gram_norm": "chw",
+            "init": "noise",
+            "pooling": "avg",
+            "scales": 1,
+            "ema_decay": 0.0,
+        },
+        # StyleConfig's own defaults: Adam in pixel space from the content image.
+        "default": {},
+    }
+)
+
+
+def preset(name: str, **overrides: Any) -> StyleConfig:
+    """The named preset with ``overrides`` applied, validated."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return StyleConfig().replace(**{**PRESETS[name], **overrides})

@@ -1,0 +1,283 @@
+"""``stylequeue run CONTENT STYLE [STYLE ...] -o OUT``: one style transfer on this machine.
+
+Every engine option defaults to ``None`` here: only what the user sets is passed to
+``preset(name, **overrides)``, so the defaults stay written once, in StyleConfig and the presets.
+
+Writes OUT (PNG, JPEG or WebP by its extension) and ``OUT.json`` beside it (``out.png`` ->
+``out.png.json``): the full config, loss history, timings, device, weights (source, sha256,
+``random_weights``), library versions and the input files. Ctrl-C stops at the next iteration and
+still writes the partial result, marked ``"stopped": true``; a second Ctrl-C aborts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from stylequeue import __version__
+from stylequeue.exceptions import ConfigError
+
+# argparse dest -> StyleConfig field, for the options passed straight through as overrides.
+_PASSTHROUGH = {
+    "size": "size",
+    "iterations": "iterations",
+    "optimizer": "optimizer",
+    "lr": "lr",
+    "seed": "seed",
+    "content_weight": "content_weight",
+    "style_weight": "style_weight",
+    "tv_weight": "tv_weight",
+    "style_blend": "style_blend_weights",
+    "style_scale": "style_scale",
+    "original_colors": "original_colors",
+    "pooling": "pooling",
+    "scales": "scales",
+    "min_size": "min_size",
+    "progress_every": "progress_every",
+    "device": "device",
+}
+INIT_KEYWORDS = ("content", "noise")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="stylise one image locally",
+        description="Stylise CONTENT with one or more STYLE images and write OUT and OUT.json. "
+        "Options left out take the preset's value.",
+    )
+    p.add_argument("content", metavar="CONTENT", help="content image (PNG, JPEG, WebP, ...)")
+    p.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output .png/.jpg/.webp")
+    p.add_argument("--preset", help="seed, gatys or default (default: default)")
+    engine = p.add_argument_group("engine options (default: the preset's value)")
+    engine.add_argument("--size", type=int, help="longest side of the output, pixels")
+    engine.add_argument("--iterations", type=int, help="optimiser steps per scale")
+    engine.add_argument("--optimizer", help="adam or lbfgs")
+    engine.add_argument("--lr", type=float, help="learning rate")
+    engine.add_argument("--seed", type=int, help="random seed (a CPU run repeats exactly)")
+    engine.add_argument("--content-weight", type=float)
+    engine.add_argument("--style-weight", type=float)
+    engine.add_argument("--tv-weight", type=float, help="total variation weight")
+    engine.add_argument(
+        "--style-blend", type=float, nargs="+", metavar="W", help="one blend weight per style"
+    )
+    engine.add_argument("--style-scale", type=float, help="style size relative to the output")
+    engine.add_argument(
+        "--original-colors",
+        action=argparse.BooleanOptionalAction,
+        help="keep the content's colours (luminance-only transfer)",
+    )
+    engine.add_argument("--init", metavar="content|noise|PATH", help="starting image")
+    engine.add_argument("--pooling", help="max or avg")
+    engine.add_argument("--scales", type=int, help="number of coarse-to-fine sizes")
+    engine.add_argument("--min-size", type=int, help="longest side of the coarsest scale")
+    engine.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: settings)")
+    engine.add_argument("--progress-every", type=int, metavar="N", help="report every N steps")
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument(
+        "--weights",
+        help="imagenet, a file path, s3://bucket/key or random[:SEED] (default: settings, imagenet)",
+    )
+    io.add_argument("--weights-sha256", help="refuse weights whose file has another sha256")
+    io.add_argument(
+        "--max-pixels", type=int, help="largest input/output in pixels (default: settings)"
+    )
+    io.add_argument(
+        "--save-every", type=int, metavar="N", help="also write OUT-stem_iterNNNN.ext every N steps"
+    )
+    io.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Load inputs, stylise, write OUT and OUT.json; see the module docstring."""
+    from stylequeue.engine import VGGFeatures, preset, stylize
+    from stylequeue.engine.device import resolve_device
+    from stylequeue.engine.images import format_for_path, load_image, save_image
+    from stylequeue.engine.weights import load_weights
+    from stylequeue.settings import load_settings
+
+    started = time.perf_counter()
+    out = Path(args.output)
+    format_for_path(out)  # an unknown extension fails now, not after the whole run
+    settings = load_settings(
+        {
+            "weights": args.weights,
+            "weights_sha256": args.weights_sha256,
+            "max_pixels": args.max_pixels,
+            "device": args.device,
+        }
+    )
+    overrides = _overrides(args, settings.device)
+    init_path = None
+    if args.init is not None:
+        overrides["init"] = args.init if args.init in INIT_KEYWORDS else "image"
+        init_path = None if args.init in INIT_KEYWORDS else args.init
+    config = preset(args.preset or "default", **overrides)
+    if args.save_every:
+        # Previews can only be taken in the progress callback: make it fire on every multiple of
+        # save_every as well (progress_every never changes the result).
+        config = config.replace(progress_every=math.gcd(config.progress_every, args.save_every))
+
+    def load(path: str) -> Any:
+        return load_image(path, max_pixels=settings.max_pixels)
+
+    content, styles = load(args.content), [load(s) for s in args.styles]
+    init_image = load(init_path) if init_path else None
+    images_s = time.perf_counter() - started
+
+    weights = load_weights(
+        settings.weights,
+        sha256=settings.weights_sha256 or None,
+        cache_dir=settings.resolved_weights_cache_dir,
+    )
+    model = VGGFeatures.from_weights(
+        weights, pooling=config.pooling, device=resolve_device(config.device)
+    )
+    setup_s = time.perf_counter() - started
+    stop = _StopFlag()
+    with _ProgressBar(config.total_iterations, quiet=args.quiet) as bar, stop.installed():
+        callback = _callback(bar, out, args.save_every, settings.max_pixels, save_image)
+        result = stylize(
+            content, styles, config, model=model, init_image=init_image,
+            callback=callback, should_stop=stop,
+        )  # fmt: skip
+    save_image(result.image, out, max_pixels=settings.max_pixels)
+    meta = result.metadata()
+    meta["weights"] = weights.info.to_dict()
+    meta["random_weights"] = weights.info.random
+    meta["inputs"] = {"content": args.content, "styles": list(args.styles), "init": init_path}
+    meta["output"] = str(out)
+    meta["stylequeue_version"] = __version__
+    meta["timings"] = {
+        **meta.get("timings", {}),
+        "load_images_s": images_s,
+        "setup_s": setup_s,
+        "command_s": time.perf_counter() - started,  # everything, from start-up to writing OUT
+    }
+    _write_json(_metadata_path(out), meta)
+    _report(args, out, result, weights.info.random)
+    return 130 if result.stopped else 0
+
+
+def _overrides(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """Only the options the user set (plus the settings' device); the preset fills in the rest."""
+    overrides = {
+        field: getattr(args, dest)
+        for dest, field in _PASSTHROUGH.items()
+        if getattr(args, dest) is not None
+    }
+    overrides.setdefault("device", device)
+    if args.save_every is not None and args.save_every < 1:
+        raise ConfigError(f"--save-every must be at least 1, got {args.save_every}")
+    return overrides
+
+
+def _metadata_path(out: Path) -> Path:
+    return out.with_name(out.name + ".json")
+
+
+def preview_path(out: Path, iteration: int) -> Path:
+    """``out.png`` at step 40 -> ``out_iter0040.png``."""
+    return out.with_name(f"{out.stem}_iter{iteration:04d}{out.suffix}")
+
+
+def _callback(
+    bar: "_ProgressBar",
+    out: Path,
+    save_every: int | None,
+    max_pixels: int,
+    save_image: Callable[..., Path],
+) -> Callable[[Any], None]:
+    def on_progress(progress: Any) -> None:
+        bar.update(progress)
+        it = progress.iteration
+        if save_every and it % save_every == 0 and 0 < it < progress.total:
+            save_image(progress.preview(), preview_path(out, it), max_pixels=max_pixels)
+
+    return on_progress
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from stylequeue.engine.images import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def _report(args: argparse.Namespace, out: Path, result: Any, random_weights: bool) -> None:
+    if random_weights:
+        print(
+            "stylequeue: WARNING: made with RANDOM VGG19 weights: this is not a real style "
+            "transfer (see \"random_weights\": true in the metadata)",
+            file=sys.stderr,
+        )
+    if result.stopped:
+        print(f"stylequeue: stopped early; wrote the partial result to {out}", file=sys.stderr)
+    elif not args.quiet:
+        width, height = result.image.size
+        print(f"wrote {out} ({width}x{height}) and {_metadata_path(out)}", file=sys.stderr)
+
+
+class _StopFlag:
+    """``should_stop`` for the engine: the first Ctrl-C sets it, a second one aborts."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def __call__(self) -> bool:
+        return self.stopped
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.stopped:
+            raise KeyboardInterrupt
+        self.stopped = True
+        print("\nstylequeue: stopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    def installed(self) -> "_SignalScope":
+        return _SignalScope(self._on_sigint)
+
+
+class _SignalScope:
+    def __init__(self, handler: Callable[[int, Any], None]) -> None:
+        self.handler = handler
+        self.previous: Any = None
+
+    def __enter__(self) -> None:
+        # Signal handlers can only be set from the main thread (main() may run elsewhere in tests).
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handler)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+class _ProgressBar:
+    """tqdm fed by the engine's Progress: iteration, loss, it/s and ETA (engine never sees tqdm)."""
+
+    def __init__(self, total: int, *, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="it", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+
+    def __enter__(self) -> "_ProgressBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def update(self, progress: Any) -> None:
+        postfix = {"loss": f"{progress.loss:.4g}"}
+        if progress.num_scales > 1:
+            postfix["scale"] = f"{progress.scale_index + 1}/{progress.num_scales}"
+        postfix["size"] = f"{progress.width}x{progress.height}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(progress.iteration - self.bar.n)  # tqdm derives it/s and ETA from these

@@ -1,0 +1,417 @@
+"""Where VGG19's weights come from, checked before any job uses them.
+
+Sources (the ``--weights`` option, ``STYLEQUEUE_WEIGHTS``):
+
+* ``imagenet``: torchvision's VGG19 ImageNet weights, from torch.hub's cache (downloaded there if
+  missing and the network allows; if not, :class:`WeightsUnavailableError` at once, never a silent
+  fallback);
+* a local file: a full VGG19 state dict (``features.N.*`` and ``classifier.*``) or a features-only
+  one (``N.*`` or ``features.N.*``), as written by :func:`export_features`;
+* ``scheme://...`` (``s3://`` in practice): fetched by a function the storage layer registers with
+  :func:`register_fetcher`, so this module never imports boto3; cached on disk under ``cache_dir``;
+* ``random`` / ``random:SEED``: seeded random weights for tests and benchmarks only. Every load logs
+  a warning and :attr:`WeightsInfo.random` is set, so outputs made with them say so.
+
+Whatever the source, :class:`LoadedWeights` holds only the ``features`` part (``"0.weight"`` ...
+``"34.bias"``, the format of ``torchvision.models.vgg19().features.state_dict()``): the classifier
+is never needed for style transfer and is ~470 MB of the 548 MB file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from stylequeue.exceptions import (
+    ConfigError,
+    StyleQueueError,
+    WeightsChecksumError,
+    WeightsError,
+    WeightsUnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+# torchvision's VGG19 ("E") layout: channel counts, "M" for max-pool. Each conv is followed by a
+# ReLU, so conv N sits at index N of ``features`` and its ReLU at N + 1.
+VGG19_CFG: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+    512, 512, 512, 512, "M", 512, 512, 512, 512, "M",
+)  # fmt: skip
+IMAGENET_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
+# How long to wait for download.pytorch.org before saying "no network" (seconds).
+DOWNLOAD_TIMEOUT_S = 10.0
+_CACHE_SIZE = 4
+
+Fetcher = Callable[[str, Path], None]
+_FETCHERS: dict[str, Fetcher] = {}
+_URI_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_ACCEPTED = (
+    "'imagenet', a local file path, an s3://bucket/key URI, or 'random[:SEED]' (tests only)"
+)
+
+
+def _expected_shapes() -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    index, channels = 0, 3
+    for item in VGG19_CFG:
+        if item == "M":
+            index += 1
+            continue
+        out = int(item)
+        shapes[f"{index}.weight"] = (out, channels, 3, 3)
+        shapes[f"{index}.bias"] = (out,)
+        index, channels = index + 2, out
+    return shapes
+
+
+FEATURE_SHAPES: dict[str, tuple[int, ...]] = _expected_shapes()
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What a result's metadata says about the weights that made it."""
+
+    source: str
+    sha256: str | None  # of the weights file; None for random weights
+    random: bool = False
+    seed: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """VGG19 ``features`` state dict (CPU, float32) and where it came from.
+
+    The tensors are shared by every caller of :func:`load_weights` in this process: copy them
+    (``module.load_state_dict`` does) rather than modify them.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    info: WeightsInfo
+
+
+def register_fetcher(scheme: str, fn: Fetcher) -> None:
+    """Let ``scheme://`` weights be loaded: ``fn(uri, dest_path)`` must write the object to dest."""
+    _FETCHERS[scheme.lower()] = fn
+
+
+# --- the public entry point ---------------------------------------------------------------
+
+_cache: dict[tuple[Any, ...], LoadedWeights] = {}
+_cache_lock = threading.Lock()
+
+
+def load_weights(
+    source: str | os.PathLike[str], *, sha256: str | None = None, cache_dir: str | None = None
+) -> LoadedWeights:
+    """Load VGG19 feature weights from ``source`` (see the module docstring for the forms).
+
+    ``sha256``, when given, must match the weights file (:class:`WeightsChecksumError` if not).
+    ``cache_dir`` keeps fetched ``scheme://`` files between processes; without it they are fetched
+    to a temporary directory. Within a process, loads are cached by (source, sha256), so a worker
+    reads its weights once.
+    """
+    source = str(source).strip()
+    sha256 = sha256.strip().lower() if sha256 else None
+    key = (source, sha256, _file_stamp(source))
+    with _cache_lock:
+        loaded = _cache.get(key)
+        if loaded is None:
+            loaded = _load_uncached(source, sha256, cache_dir)
+            if len(_cache) >= _CACHE_SIZE:
+                _cache.pop(next(iter(_cache)))
+            _cache[key] = loaded
+    if loaded.info.random:
+        log.warning(
+            "USING RANDOM VGG19 WEIGHTS (%s): the output is NOT a real style transfer. "
+            "Random weights are for tests and benchmarks only; use --weights imagenet, a file or "
+            "an s3:// URI for real results.",
+            source,
+        )
+    return loaded
+
+
+def clear_cache() -> None:
+    """Forget weights loaded in this process (tests; a worker that swaps weights)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _file_stamp(source: str) -> tuple[int, int] | None:
+    """A local file's (mtime, size), so an edited file is not served from the in-process cache."""
+    try:
+        stat = os.stat(source)
+    except (OSError, ValueError):
+        return None
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+def _load_uncached(source: str, sha256: str | None, cache_dir: str | None) -> LoadedWeights:
+    if source == "imagenet":
+        return _load_file(_imagenet_file(), source, sha256)
+    if source == "random" or source.startswith("random:"):
+        if sha256:
+            raise ConfigError("a sha256 was given for random weights, which have no file")
+        return _random_weights(source)
+    match = _URI_RE.match(source)
+    if match and match.group(1).lower() != "file":
+        return _load_remote(source, match.group(1).lower(), sha256, cache_dir)
+    path = source[len("file://") :] if source.startswith("file://") else source
+    looks_like_path = os.path.sep in path or path.endswith((".pth", ".pt")) or os.path.exists(path)
+    if not path or not looks_like_path:
+        raise ConfigError(f"unknown weights source {source!r}; use {_ACCEPTED}")
+    return _load_file(Path(path), source, sha256)
+
+
+# --- sources ------------------------------------------------------------------------------
+
+
+def _random_weights(source: str) -> LoadedWeights:
+    """torchvision's VGG init (Kaiming normal, fan-out, zero bias), from a private generator."""
+    seed_text = source.partition(":")[2] or "0"
+    try:
+        seed = int(seed_text)
+    except ValueError:
+        raise ConfigError(
+            f"random weights take an integer seed (random:42), got {source!r}"
+        ) from None
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, shape in FEATURE_SHAPES.items():
+        if name.endswith(".bias"):
+            state[name] = torch.zeros(shape)
+        else:
+            std = math.sqrt(2.0 / (shape[0] * shape[2] * shape[3]))  # gain sqrt(2) / sqrt(fan_out)
+            state[name] = torch.empty(shape).normal_(0.0, std, generator=gen)
+    info = WeightsInfo(source=f"random:{seed}", sha256=None, random=True, seed=seed)
+    return LoadedWeights(state, info)
+
+
+def imagenet_cache_path() -> Path:
+    """Where torch.hub (and so torchvision) keeps the ImageNet VGG19 file (honours TORCH_HOME)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_URL.rsplit("/", 1)[1]
+
+
+def _imagenet_file() -> Path:
+    """The cached ImageNet file, downloading it first if needed; fails fast without network."""
+    path = imagenet_cache_path()
+    if path.is_file():
+        return path
+    try:
+        _download(IMAGENET_URL, path, timeout_s=DOWNLOAD_TIMEOUT_S)
+    except Exception as exc:  # any network or disk failure means: tell the user how to give weights
+        raise WeightsUnavailableError(
+            f"the ImageNet VGG19 weights are not in the torch hub cache ({path}) and downloading "
+            f"{IMAGENET_URL} failed ({exc}). Give weights another way: a local file "
+            f"(--weights /path/vgg19.pth, full or features-only), an object "
+            f"(--weights s3://bucket/vgg19-features.pth), or copy {path.name} into {path.parent} "
+            f"(TORCH_HOME moves that folder); on a machine with internet, "
+            f"`stylequeue weights export --from imagenet -o vgg19-features.pth` writes a "
+            f"small file to copy over."
+        ) from None
+    return path
+
+
+def _download(url: str, dest: Path, *, timeout_s: float) -> None:
+    """Stream ``url`` into ``dest`` atomically, checking torchvision's hash prefix in its name."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    expected_prefix = dest.stem.rsplit("-", 1)[-1]
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp, os.fdopen(fd, "wb") as out:
+            while chunk := resp.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if not digest.hexdigest().startswith(expected_prefix):
+            raise WeightsChecksumError(
+                f"downloaded {url} does not match its hash prefix {expected_prefix}"
+            )
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _load_remote(uri: str, scheme: str, sha256: str | None, cache_dir: str | None) -> LoadedWeights:
+    fetch = _FETCHERS.get(scheme)
+    if fetch is None:
+        raise WeightsUnavailableError(
+            f"cannot load weights from {uri}: nothing can read {scheme}:// URIs in this process. "
+            f"Install and configure stylequeue's storage (boto3, STYLEQUEUE_S3_* settings) or pass "
+            f"a local file with --weights"
+        )
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="stylequeue-weights-") as tmp:
+            return _load_file(_fetch(fetch, uri, Path(tmp) / "weights.pth"), uri, sha256)
+    name = hashlib.sha256(f"{uri}\n{sha256 or ''}".encode()).hexdigest()[:24]
+    cached = Path(cache_dir) / f"{name}-{Path(uri).name or 'weights'}"
+    if cached.is_file():
+        try:
+            return _load_file(cached, uri, sha256)
+        except WeightsError as exc:  # a damaged cache entry: fetch again once
+            log.warning("cached weights %s for %s unusable (%s); fetching again", cached, uri, exc)
+            cached.unlink(missing_ok=True)
+    _fetch(fetch, uri, cached)
+    try:
+        return _load_file(cached, uri, sha256)
+    except WeightsError:
+        cached.unlink(missing_ok=True)  # never keep a bad file where the next load would trust it
+        raise
+
+
+def _fetch(fetch: Fetcher, uri: str, dest: Path) -> Path:
+    """Run a registered fetcher into a temp file beside ``dest``, then rename it into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        fetch(uri, Path(tmp))
+        os.replace(tmp, dest)
+    except StyleQueueError:
+        raise  # storage errors keep their class: transient ones are retried by the service
+    except Exception as exc:
+        raise WeightsUnavailableError(f"cannot fetch weights {uri}: {exc}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return dest
+
+
+# --- files --------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_file(path: Path, source: str, sha256: str | None) -> LoadedWeights:
+    where = str(path) if str(path) == source else f"{path} (from {source})"
+    if not path.is_file():
+        raise WeightsError(
+            f"weights file {where} does not exist; check --weights / STYLEQUEUE_WEIGHTS"
+        )
+    actual = file_sha256(path)
+    if sha256 and actual != sha256:
+        raise WeightsChecksumError(
+            f"weights file {where} has sha256 {actual}, expected {sha256}; the file is corrupt "
+            f"or a different one (re-copy it, or fix --weights-sha256 / STYLEQUEUE_WEIGHTS_SHA256)"
+        )
+    features, _ = read_features(path, where)
+    return LoadedWeights(features, WeightsInfo(source=source, sha256=actual, random=False))
+
+
+def read_features(
+    path: str | Path, where: str | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Read and validate a weights file -> (features state dict, "full" or "features-only")."""
+    where = where or str(path)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types for damaged files; all mean the same
+        raise WeightsError(
+            f"weights file {where} cannot be read as a PyTorch state dict (truncated or corrupt?): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise WeightsError(
+            f"weights file {where} holds a {type(raw).__name__}, not a state dict of tensors"
+        )
+    return _features_only(raw, where)
+
+
+def _features_only(raw: dict[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], str]:
+    keys = {k.removeprefix("module."): v for k, v in raw.items()}
+    if any(k.startswith("features.") for k in keys):
+        layout = "full" if any(k.startswith("classifier.") for k in keys) else "features-only"
+        features = {k[len("features.") :]: v for k, v in keys.items() if k.startswith("features.")}
+    else:
+        layout, features = "features-only", keys
+    missing = [k for k in FEATURE_SHAPES if k not in features]
+    unexpected = [k for k in features if k not in FEATURE_SHAPES]
+    wrong = [
+        f"{k} is {tuple(features[k].shape)}, expected {shape}"
+        for k, shape in FEATURE_SHAPES.items()
+        if k in features and tuple(features[k].shape) != shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors ({_first(missing)})")
+    if unexpected:
+        problems.append(f"unexpected tensors {_first(sorted(unexpected))} (VGG19-BN? other model?)")
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong[:4]))
+    if problems:
+        raise WeightsError(f"weights file {where} is not a VGG19 state dict: {'; '.join(problems)}")
+    clean = {k: features[k].detach().to(torch.float32).contiguous() for k in FEATURE_SHAPES}
+    return clean, layout
+
+
+def _first(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def export_features(
+    source: str | os.PathLike[str],
+    dest: str | Path,
+    *,
+    sha256: str | None = None,
+    cache_dir: str | None = None,
+) -> tuple[Path, str]:
+    """Write ``source``'s feature weights to ``dest`` (~80 MB for VGG19) -> (path, its sha256).
+
+    Written atomically, with ``dest + ".sha256"`` beside it in ``sha256sum`` format, so a fleet can
+    pull the file and pass the checksum to ``--weights-sha256``.
+    """
+    loaded = load_weights(source, sha256=sha256, cache_dir=cache_dir)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        torch.save(loaded.state_dict, tmp)
+        digest = file_sha256(tmp)
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    sidecar = dest.with_name(dest.name + ".sha256")
+    sidecar.write_text(f"{digest}  {dest.name}\n")
+    return dest, digest
+
+
+def describe_file(path: str | Path) -> dict[str, Any]:
+    """What ``stylequeue weights info`` prints: size, sha256, layout; WeightsError if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    features, layout = read_features(path)
+    sidecar = path.with_name(path.name + ".sha256")
+    digest = file_sha256(path)
+    recorded = (sidecar.read_text().split() or [None])[0] if sidecar.is_file() else None
+    return {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "sha256": digest,
+        "sidecar_sha256_matches": None if recorded is None else recorded == digest,
+        "layout": layout,
+        "tensors": len(features),
+        "parameters": sum(t.numel() for t in features.values()),
+        "keys_ok": True,
+    }
+

@@ -82,6 +82,14 @@ class Settings:
     preview_every: int = 100
     checkpoint_every: int = 50
 
+    # Periodic work (Celery beat) and what producers may keep in flight.
+    # Previews are deleted this many days after they were written; 0 keeps them.
+    preview_retention_days: int = 7
+    expire_previews_every_s: int = 3600
+    # Manifests dropped under <storage_root>/manifests/incoming/ are picked up this often.
+    scan_manifests_every_s: int = 60
+    manifest_max_in_flight: int = 8
+
     # Flower.
     flower_port: int = 5555
     flower_address: str = "127.0.0.1"

@@ -70,3 +70,16 @@ class JobCancelledError(StyleQueueError):
 
 class JobTimeoutError(StyleQueueError):
     """The job ran past its time limit."""
+
+
+class TooManyDeliveriesError(StyleQueueError):
+    """A task message was delivered more than ``max_deliveries`` times (its worker kept dying)."""
+
+
+class JobFailedError(StyleQueueError):
+    """A job a producer waited on ended FAILED or CANCELLED; the message says why."""
+
+    def __init__(self, message: str, *, job_id: str = "", status: str = "") -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.status = status

@@ -33,17 +33,25 @@ def _number(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def progress_meta(progress: Any, job_id: str, *, scale_offset: int = 0, num_scales: int | None = None) -> dict[str, Any]:
+def progress_meta(
+    progress: Any,
+    job_id: str,
+    *,
+    scale_offset: int = 0,
+    num_scales: int | None = None,
+    iteration_offset: int = 0,
+    total: int | None = None,
+) -> dict[str, Any]:
     """The JSON-able dict stored as the PROGRESS state's meta and sent as the event's fields.
 
-    ``scale_offset``/``num_scales`` place a single-scale chain step within the whole
-    multi-scale job (step k of a chain runs the engine with one scale).
+    The offsets place a single-scale chain step within the whole multi-scale job (step k of a
+    chain runs the engine with one scale, counting its own iterations from 0).
     """
     scale_index = int(getattr(progress, "scale_index", 0)) + scale_offset
     return {
         "job_id": job_id,
-        "iteration": int(progress.iteration),
-        "total": int(progress.total),
+        "iteration": int(progress.iteration) + iteration_offset,
+        "total": int(total if total is not None else progress.total),
         "scale": scale_index,
         "num_scales": int(num_scales or getattr(progress, "num_scales", 1)),
         "width": int(getattr(progress, "width", 0)),
@@ -79,6 +87,8 @@ class ProgressReporter:
         save_preview: Callable[[int, Any], None] | None = None,
         scale_offset: int = 0,
         num_scales: int | None = None,
+        iteration_offset: int = 0,
+        total: int | None = None,
     ) -> None:
         self.task = task
         self.job_id = job_id
@@ -86,12 +96,15 @@ class ProgressReporter:
         self.save_preview = save_preview
         self.scale_offset = scale_offset
         self.num_scales = num_scales
+        self.iteration_offset = iteration_offset
+        self.total = total
         self.last_meta: dict[str, Any] | None = None
         self._last_preview = 0
 
     def __call__(self, progress: Any) -> None:
         meta = progress_meta(
-            progress, self.job_id, scale_offset=self.scale_offset, num_scales=self.num_scales
+            progress, self.job_id, scale_offset=self.scale_offset, num_scales=self.num_scales,
+            iteration_offset=self.iteration_offset, total=self.total,
         )
         self.last_meta = meta
         self.task.update_state(state=PROGRESS_STATE, meta=meta)

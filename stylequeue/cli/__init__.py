@@ -23,6 +23,8 @@ from stylequeue.exceptions import StyleQueueError
 SUBCOMMANDS: tuple[str, ...] = (
     "stylequeue.cli.run",
     "stylequeue.cli.weights",
+    "stylequeue.cli.flower",
+    "stylequeue.cli.metrics",
 )
 
 

@@ -9,10 +9,11 @@ by the optimisation loop at its next poll.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, Sequence
 
 from celery import Celery
 
@@ -139,13 +140,26 @@ class JobControl:
         return self.store.incr(f"{KEY_PREFIX}deliveries-{task_id}-{retries}")
 
     # Idempotent submission ----------------------------------------------------------------
-    def claim(self, job_id: str) -> bool:
-        """True for the first submitter of ``job_id``; False when it was already submitted."""
-        return self.store.add(f"{KEY_PREFIX}job-{job_id}", str(time.time()))
+    def claim(self, job_id: str, record: dict[str, Any]) -> bool:
+        """Store ``record`` for ``job_id`` unless one exists: True for the first submitter only.
 
-    def release(self, job_id: str) -> None:
-        """Let ``job_id`` be submitted again (after it failed or was cancelled)."""
+        The record (task ids, result URI) is what lets ``stylequeue status JOB_ID`` find a job
+        from its id alone, in another process.
+        """
+        return self.store.add(f"{KEY_PREFIX}job-{job_id}", json.dumps(record))
+
+    def record(self, job_id: str) -> dict[str, Any] | None:
+        """The record stored when ``job_id`` was submitted, or None for an unknown id."""
+        raw = self.store.get(f"{KEY_PREFIX}job-{job_id}")
+        return json.loads(raw) if raw else None
+
+    def release(self, job_id: str, task_ids: Sequence[str] = (), max_retries: int = 0) -> None:
+        """Let ``job_id`` be submitted again (after it failed or was cancelled), from a clean slate."""
         self.store.delete(f"{KEY_PREFIX}job-{job_id}")
+        self.clear_cancel(job_id)
+        for task_id in task_ids:
+            for retries in range(max_retries + 1):
+                self.store.delete(f"{KEY_PREFIX}deliveries-{task_id}-{retries}")
 
 
 class CancelPoller:

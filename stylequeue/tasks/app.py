@@ -97,6 +97,14 @@ def _routes(settings: Settings) -> dict[str, dict[str, str]]:
     }
 
 
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Periodic work for ``stylequeue beat``: pick up dropped manifests, expire old previews."""
+    return {
+        "scan-manifests": {"task": TASK_SCAN_MANIFESTS, "schedule": float(settings.scan_manifests_every_s)},
+        "expire-previews": {"task": TASK_EXPIRE_PREVIEWS, "schedule": float(settings.expire_previews_every_s)},
+    }
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for ``settings`` as a plain dict (printed by ``--help``-style tools)."""
     _check_limits(settings)
@@ -145,6 +153,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_priority": DEFAULT_PRIORITY,
         "task_queue_max_priority": max(PRIORITY_STEPS),
         "task_routes": _routes(settings),
+        "beat_schedule": beat_schedule(settings),
+        "beat_schedule_filename": str(Path(settings.data_dir) / "celerybeat-schedule"),
         "timezone": "UTC",
         "enable_utc": True,
     }

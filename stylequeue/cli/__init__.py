@@ -25,6 +25,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "stylequeue.cli.weights",
     "stylequeue.cli.flower",
     "stylequeue.cli.metrics",
+    "stylequeue.cli.service",
 )
 
 

@@ -1,0 +1,114 @@
+"""Batches: one content with many styles, or many contents with one style, and a contact sheet.
+
+The batch is a Celery chord: its header is the group of the jobs' chains, its body the
+``contact_sheet`` task, which runs once every job has published and stores a grid of the
+results under ``<storage_root>/batches/<batch_id>/``. If any job fails or is cancelled, Celery
+does not run the body: the batch ends without a sheet and :meth:`BatchHandle.wait` says which
+job failed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from celery import Celery, chord
+from celery.result import AsyncResult
+
+from stylequeue.exceptions import JobFailedError, JobSpecError
+from stylequeue.job import JobSpec, JobStatus
+from stylequeue.scheduler.jobs import JobHandle, _claim, build_chain, default_app, parse_spec
+from stylequeue.tasks.app import TASK_CONTACT_SHEET, settings_of
+
+DEFAULT_TILE = 128
+
+
+@dataclass
+class BatchHandle:
+    """A submitted batch: its jobs' handles and the contact sheet."""
+
+    batch_id: str
+    app: Celery = field(repr=False)
+    jobs: list[JobHandle]
+    sheet_uri: str
+
+    @property
+    def sheet_task_id(self) -> str:
+        return f"{self.batch_id}.contact_sheet"
+
+    def statuses(self) -> dict[str, JobStatus]:
+        return {job.job_id: job.status() for job in self.jobs}
+
+    def wait(self, timeout: float | None = None, poll_s: float = 0.25) -> dict[str, Any]:
+        """Wait for every job and the sheet; the sheet task's summary, or JobFailedError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job in self.jobs:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            job.wait(timeout=left, poll_s=poll_s)
+        sheet = AsyncResult(self.sheet_task_id, app=self.app)
+        while sheet.state not in ("SUCCESS", "FAILURE"):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"batch {self.batch_id}: contact sheet not made after {timeout} s")
+            time.sleep(poll_s)
+        if sheet.state == "FAILURE":
+            raise JobFailedError(f"batch {self.batch_id}: contact sheet failed: {sheet.result}",
+                                 job_id=self.batch_id, status="failed")
+        return dict(sheet.result)
+
+
+def batch_specs(
+    batch_id: str,
+    contents: Sequence[str],
+    styles: Sequence[str],
+    common: Mapping[str, Any],
+) -> list[JobSpec]:
+    """One spec per pair: ``<batch_id>-000``, ``-001``, ... in the order of the varying input."""
+    if not contents or not styles:
+        raise JobSpecError("a batch needs at least one content and one style image")
+    if len(contents) > 1 and len(styles) > 1:
+        raise JobSpecError(
+            f"a batch is one content with many styles or many contents with one style; got "
+            f"{len(contents)} contents and {len(styles)} styles: submit one batch per content"
+        )
+    pairs = [(c, s) for c in contents for s in styles]
+    return [
+        parse_spec({**common, "job_id": f"{batch_id}-{i:03d}", "content": c, "styles": [s]})
+        for i, (c, s) in enumerate(pairs)
+    ]
+
+
+def submit_batch(
+    contents: Sequence[str],
+    styles: Sequence[str],
+    *,
+    batch_id: str | None = None,
+    tile: int = DEFAULT_TILE,
+    app: Celery | None = None,
+    **job_fields: Any,
+) -> BatchHandle:
+    """Queue one job per (content, style) pair and a contact sheet of their results.
+
+    ``job_fields`` are JobSpec fields shared by every job (``preset``, ``params``, ``priority``,
+    ...). Every spec is validated before anything is queued. Submitting the same ``batch_id``
+    again returns the existing batch.
+    """
+    app = app or default_app()
+    settings = settings_of(app)
+    batch_id = batch_id or f"batch-{uuid.uuid4().hex[:12]}"
+    specs = batch_specs(batch_id, contents, styles, job_fields)
+    sheet_uri = f"{settings.resolved_storage_root}/batches/{batch_id}/contact_sheet.png"
+    claimed = [_claim(app, spec) for spec in specs]
+    handles = [handle for handle, _ in claimed]
+    batch = BatchHandle(batch_id, app, handles, sheet_uri)
+    if not any(new for _, new in claimed):
+        return batch  # the whole batch was submitted before
+    header = [
+        build_chain(app, spec, len(handle.task_ids) - 2, handle.task_ids)
+        for spec, handle in zip(specs, handles)
+    ]
+    info = {"batch_id": batch_id, "sheet_uri": sheet_uri, "tile": tile}
+    body = app.signature(TASK_CONTACT_SHEET, kwargs={"batch": info}).set(task_id=batch.sheet_task_id)
+    chord(header, body).apply_async()
+    return batch

@@ -1,0 +1,201 @@
+"""Submit one job and follow it: :func:`submit`, :class:`JobHandle`, :func:`get_job`.
+
+```python
+from stylequeue.scheduler import submit
+job = submit({"job_id": "cat-1", "content": "s3://in/cat.jpg", "styles": ["s3://in/wave.jpg"]})
+job.progress()            # {"iteration": 40, "total": 300, "eta_s": 12.5, "losses": {...}} or None
+job.wait(timeout=600)     # {"status": "succeeded", "result_uri": ..., "metadata_uri": ...}
+job.cancel()
+```
+
+A job is the chain ``validate -> stylize[0..n-1] -> publish`` with task ids derived from the
+job id, so any process can follow a job from its id alone. The same job id submitted twice does
+the work once: the first submitter claims the id in the result backend; later submits get a
+handle to the same job (unless it FAILED or was CANCELLED, which may be run again).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from celery import Celery, chain
+from celery.canvas import Signature
+from celery.result import AsyncResult
+
+from stylequeue.exceptions import JobFailedError, JobSpecError
+from stylequeue.job import JobPaths, JobSpec, JobStatus
+from stylequeue.settings import Settings
+from stylequeue.tasks.app import TASK_PUBLISH, TASK_STYLIZE, TASK_VALIDATE, settings_of
+from stylequeue.tasks.control import JobControl
+
+_RUNNING_STATES = {"STARTED", "PROGRESS", "RETRY"}
+
+
+def default_app() -> Celery:
+    """The app producers use when they pass none (built from the environment on first use)."""
+    from stylequeue.tasks.app import app
+
+    return app
+
+
+def task_ids(job_id: str, steps: int) -> list[str]:
+    """The chain's task ids in order: validate, stylize.0 .. stylize.<n-1>, publish."""
+    return [f"{job_id}.validate", *(f"{job_id}.stylize.{k}" for k in range(steps)), f"{job_id}.publish"]
+
+
+def parse_spec(spec: JobSpec | Mapping[str, Any]) -> JobSpec:
+    """Validate a spec (and its engine settings) before anything is queued."""
+    job = spec if isinstance(spec, JobSpec) else JobSpec.parse(dict(spec))
+    job.style_config()  # raises ConfigError for bad engine settings (NaN weights, bad layers, ...)
+    return job
+
+
+def build_chain(app: Celery, spec: JobSpec, steps: int, ids: list[str]) -> Signature:
+    """The job's chain; every signature is immutable: each task gets the spec message itself."""
+    message = spec.message()
+    options = {"priority": spec.priority} if spec.priority is not None else {}
+    names = [TASK_VALIDATE, *([TASK_STYLIZE] * steps), TASK_PUBLISH]
+    kwargs: list[dict[str, Any]] = [{}, *({"step": k} for k in range(steps)), {}]
+    return chain(
+        *(
+            app.signature(name, args=(message,), kwargs=kw, immutable=True).set(task_id=tid, **options)
+            for name, kw, tid in zip(names, kwargs, ids)
+        )
+    )
+
+
+def _steps(spec: JobSpec) -> int:
+    return spec.style_config().scales
+
+
+@dataclass
+class JobHandle:
+    """A submitted job: its status, progress, result, and a way to cancel it."""
+
+    job_id: str
+    app: Celery = field(repr=False)
+    task_ids: list[str]
+    result_uri: str
+    metadata_uri: str
+
+    @classmethod
+    def from_record(cls, app: Celery, job_id: str, record: Mapping[str, Any]) -> "JobHandle":
+        return cls(job_id, app, list(record["task_ids"]), record["result_uri"], record["metadata_uri"])
+
+    def _results(self) -> list[AsyncResult]:
+        return [AsyncResult(tid, app=self.app) for tid in self.task_ids]
+
+    def status(self) -> JobStatus:
+        """One JobStatus from the states of the chain's tasks (and the cancel flag)."""
+        states = [r.state for r in self._results()]
+        if states[-1] == "SUCCESS":
+            return JobStatus.SUCCEEDED
+        if "FAILURE" in states:
+            return JobStatus.FAILED
+        if "REVOKED" in states:
+            return JobStatus.CANCELLED
+        running = any(s in _RUNNING_STATES for s in states)
+        if not running and JobControl(self.app).is_cancelled(self.job_id):
+            return JobStatus.CANCELLED  # cancelled while queued; a worker will drop it on pickup
+        if running or "SUCCESS" in states:
+            return JobStatus.RUNNING
+        return JobStatus.QUEUED
+
+    def progress(self) -> dict[str, Any] | None:
+        """The running stylize step's latest PROGRESS meta (iteration, total, losses, eta_s)."""
+        for result in reversed(self._results()[1:-1]):
+            if result.state == "PROGRESS" and isinstance(result.info, dict):
+                return dict(result.info)
+        return None
+
+    def error(self) -> str | None:
+        """Why the job failed or was cancelled, in words; None otherwise."""
+        for result in self._results():
+            if result.state == "FAILURE":
+                exc = result.result
+                return f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
+            if result.state == "REVOKED":
+                return f"job {self.job_id} was cancelled"
+        return None
+
+    def result(self) -> dict[str, Any] | None:
+        """The publish task's summary (result_uri, metadata_uri, ...) once the job succeeded."""
+        publish = self._results()[-1]
+        return dict(publish.result) if publish.state == "SUCCESS" else None
+
+    def wait(self, timeout: float | None = None, poll_s: float = 0.25) -> dict[str, Any]:
+        """Block until the job ends; its result summary, or :class:`JobFailedError`.
+
+        Polls every task's state rather than ``AsyncResult.get()`` on the last one, which
+        would wait forever when an earlier step failed or was cancelled.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if status is JobStatus.SUCCEEDED:
+                return self.result() or {}
+            if status in (JobStatus.FAILED, JobStatus.CANCELLED):
+                message = self.error() or f"job {self.job_id} was cancelled"
+                raise JobFailedError(f"job {self.job_id} {status.value}: {message}",
+                                     job_id=self.job_id, status=status.value)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"job {self.job_id} still {status.value} after {timeout} s; wait longer or "
+                    "check that a worker consumes its queue (stylequeue worker)"
+                )
+            time.sleep(poll_s)
+
+    def cancel(self) -> None:
+        """Ask the job to stop: a queued task is dropped, a running optimisation stops within
+        about half a second; the job ends CANCELLED and publishes nothing."""
+        JobControl(self.app).request_cancel(self.job_id)
+
+
+def submit(spec: JobSpec | Mapping[str, Any], *, app: Celery | None = None) -> JobHandle:
+    """Validate ``spec`` and queue its chain; returns the job's handle.
+
+    Raises :class:`JobSpecError`/:class:`ConfigError` before anything is queued. Submitting an id
+    that is queued, running or done returns that job's handle and queues nothing.
+    """
+    app = app or default_app()
+    job = parse_spec(spec)
+    handle, new = _claim(app, job)
+    if new:
+        build_chain(app, job, len(handle.task_ids) - 2, handle.task_ids).apply_async()
+    return handle
+
+
+def _claim(app: Celery, job: JobSpec) -> tuple[JobHandle, bool]:
+    """Claim the job id; (handle, True) when this caller must queue the chain."""
+    settings: Settings = settings_of(app)
+    paths = JobPaths.for_spec(job, settings)
+    ids = task_ids(job.job_id, _steps(job))
+    record = {"task_ids": ids, "result_uri": paths.result, "metadata_uri": paths.metadata,
+              "submitted_at": time.time()}
+    control = JobControl(app)
+    if control.claim(job.job_id, record):
+        return JobHandle.from_record(app, job.job_id, record), True
+    existing = JobHandle.from_record(app, job.job_id, control.record(job.job_id) or record)
+    if existing.status() not in (JobStatus.FAILED, JobStatus.CANCELLED):
+        return existing, False
+    # A failed or cancelled job may be run again under its id, from a clean slate.
+    for result in existing._results():
+        result.forget()
+    control.release(job.job_id, existing.task_ids, settings.task_max_retries)
+    if not control.claim(job.job_id, record):
+        raise JobSpecError(f"job {job.job_id} was resubmitted by someone else at the same moment")
+    return JobHandle.from_record(app, job.job_id, record), True
+
+
+def get_job(job_id: str, *, app: Celery | None = None) -> JobHandle:
+    """The handle of a job submitted earlier (by any process), from its id."""
+    app = app or default_app()
+    record = JobControl(app).record(job_id)
+    if record is None:
+        raise JobSpecError(
+            f"no job with id {job_id!r} is known (never submitted, or its record expired after "
+            "result_expires); check the id"
+        )
+    return JobHandle.from_record(app, job_id, record)

@@ -234,6 +234,35 @@ def _hard_close(sock: socket.socket) -> None:
     sock.close()
 
 
+def enforce_presigned_expiry(app: Callable[..., Any]) -> Callable[..., Any]:
+    """WSGI middleware: refuse expired SigV4 presigned URLs with 403, as S3 and MinIO do.
+
+    moto 5 ignores ``X-Amz-Expires``; without this, a test that an expired link stops working
+    would pass against MinIO and fail against moto for a reason that is moto's, not ours.
+    """
+    from datetime import datetime, timezone
+    from urllib.parse import parse_qs
+
+    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        expires_at = None
+        if "X-Amz-Expires" in query and "X-Amz-Date" in query:  # SigV4
+            signed = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+            expires_at = signed.timestamp() + int(query["X-Amz-Expires"][0])
+        elif "Expires" in query and "Signature" in query:  # SigV2 query auth
+            expires_at = float(query["Expires"][0])
+        if expires_at is not None:
+            if time.time() > expires_at:
+                body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                        b"<Message>Request has expired</Message></Error>")
+                start_response("403 Forbidden", [("Content-Type", "application/xml"),
+                                                 ("Content-Length", str(len(body)))])
+                return [body]
+        return app(environ, start_response)
+
+    return wrapped
+
+
 class _MotoThread:
     """moto's WSGI app on a werkzeug server in a daemon thread, with a stop that really stops.
 
@@ -253,7 +282,7 @@ class _MotoThread:
         from werkzeug.serving import make_server
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-        app = DomainDispatcherApplication(create_backend_app)
+        app = enforce_presigned_expiry(DomainDispatcherApplication(create_backend_app))
         server = make_server(HOST, self.port, app, threaded=True, request_handler=MotoRequestHandler)
         accept = server.get_request
 

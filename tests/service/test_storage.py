@@ -260,3 +260,43 @@ def test_bad_credentials_are_access_denied_without_echoing_them(
     with pytest.raises(AccessDeniedError) as info:
         open_storage(bad).get_bytes(f"{settings.resolved_storage_root}/x")
     assert "wrong-secret-xyz" not in str(info.value) and "WRONGKEYID" not in str(info.value)
+
+
+def test_weights_fetched_from_s3_through_registry_and_cached(settings: Settings, tmp_path: Path) -> None:
+    import torch
+
+    from stylequeue.engine import weights as engine_weights
+    from stylequeue.storage import install_weights_fetchers
+
+    torch.set_num_threads(1)
+    # A real VGG19 features file, stored as float16 to halve it (the loader converts to float32).
+    state = engine_weights.load_weights("random:3").state_dict
+    local = tmp_path / "vgg19-features.pth"
+    torch.save({k: v.half() for k, v in state.items()}, local)
+    models = f"s3://{settings.resolved_storage_root.split('/')[2]}/models/vgg19-features.pth"
+    # The deployment's weights URI is allowed even outside the job prefixes.
+    settings = settings.replace(weights=models, allowed_prefixes="")
+    store = install_weights_fetchers(settings)
+    store.put_bytes(models, local.read_bytes())
+    counter = RequestCounter(store)
+    cache = tmp_path / "cache"
+
+    engine_weights.clear_cache()
+    loaded = engine_weights.load_weights(models, cache_dir=str(cache))
+    assert loaded.info.source == models and not loaded.info.random
+    assert torch.allclose(loaded.state_dict["0.weight"], state["0.weight"].half().float())
+    assert counter.count == 1 and len(list(cache.iterdir())) == 1
+
+    engine_weights.clear_cache()  # a new worker process: the disk cache serves it, no request
+    again = engine_weights.load_weights(models, cache_dir=str(cache))
+    assert again.info.sha256 == loaded.info.sha256
+    assert counter.count == 1
+
+
+def test_weights_outside_allow_list_refused(settings: Settings, tmp_path: Path) -> None:
+    from stylequeue.engine import weights as engine_weights
+    from stylequeue.storage import install_weights_fetchers
+
+    install_weights_fetchers(settings)
+    with pytest.raises(AccessDeniedError):
+        engine_weights.load_weights("s3://another-bucket/vgg19.pth", cache_dir=str(tmp_path))

@@ -29,7 +29,7 @@ import threading
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -53,6 +53,8 @@ IMAGENET_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 # How long to wait for download.pytorch.org before saying "no network" (seconds).
 DOWNLOAD_TIMEOUT_S = 10.0
 _CACHE_SIZE = 4
+# Extra key that export_features() writes into a file made from random weights.
+RANDOM_MARKER = "stylequeue.random_seed"
 
 Fetcher = Callable[[str, Path], None]
 _FETCHERS: dict[str, Fetcher] = {}
@@ -313,14 +315,22 @@ def _load_file(path: Path, source: str, sha256: str | None) -> LoadedWeights:
             f"weights file {where} has sha256 {actual}, expected {sha256}; the file is corrupt "
             f"or a different one (re-copy it, or fix --weights-sha256 / STYLEQUEUE_WEIGHTS_SHA256)"
         )
-    features, _ = read_features(path, where)
-    return LoadedWeights(features, WeightsInfo(source=source, sha256=actual, random=False))
+    contents = read_features(path, where)
+    seed = contents.random_seed
+    if seed is not None:
+        log.warning("weights file %s holds RANDOM weights (exported from random:%d)", where, seed)
+    info = WeightsInfo(source=source, sha256=actual, random=seed is not None, seed=seed)
+    return LoadedWeights(contents.features, info)
 
 
-def read_features(
-    path: str | Path, where: str | None = None
-) -> tuple[dict[str, torch.Tensor], str]:
-    """Read and validate a weights file -> (features state dict, "full" or "features-only")."""
+class WeightsFileContents(NamedTuple):
+    features: dict[str, torch.Tensor]  # "0.weight" ... "34.bias", float32
+    layout: str  # "full" or "features-only"
+    random_seed: int | None  # set when the file was exported from random:SEED
+
+
+def read_features(path: str | Path, where: str | None = None) -> WeightsFileContents:
+    """Read and validate a weights file; :class:`WeightsError` says what is wrong with it."""
     where = where or str(path)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -336,8 +346,10 @@ def read_features(
     return _features_only(raw, where)
 
 
-def _features_only(raw: dict[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], str]:
+def _features_only(raw: dict[str, torch.Tensor], where: str) -> WeightsFileContents:
     keys = {k.removeprefix("module."): v for k, v in raw.items()}
+    marker = keys.pop(RANDOM_MARKER, None)
+    random_seed = int(marker.item()) if marker is not None else None
     if any(k.startswith("features.") for k in keys):
         layout = "full" if any(k.startswith("classifier.") for k in keys) else "features-only"
         features = {k[len("features.") :]: v for k, v in keys.items() if k.startswith("features.")}
@@ -360,7 +372,7 @@ def _features_only(raw: dict[str, torch.Tensor], where: str) -> tuple[dict[str, 
     if problems:
         raise WeightsError(f"weights file {where} is not a VGG19 state dict: {'; '.join(problems)}")
     clean = {k: features[k].detach().to(torch.float32).contiguous() for k in FEATURE_SHAPES}
-    return clean, layout
+    return WeightsFileContents(clean, layout, random_seed)
 
 
 def _first(names: list[str], n: int = 6) -> str:
@@ -380,12 +392,16 @@ def export_features(
     pull the file and pass the checksum to ``--weights-sha256``.
     """
     loaded = load_weights(source, sha256=sha256, cache_dir=cache_dir)
+    contents: dict[str, torch.Tensor] = dict(loaded.state_dict)
+    if loaded.info.random:
+        # Random weights stay flagged through a file: outputs made from it must still say so.
+        contents[RANDOM_MARKER] = torch.tensor(loaded.info.seed or 0, dtype=torch.int64)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     os.close(fd)
     try:
-        torch.save(loaded.state_dict, tmp)
+        torch.save(contents, tmp)
         digest = file_sha256(tmp)
         os.replace(tmp, dest)
     finally:
@@ -400,7 +416,7 @@ def describe_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
-    features, layout = read_features(path)
+    contents = read_features(path)
     sidecar = path.with_name(path.name + ".sha256")
     digest = file_sha256(path)
     recorded = (sidecar.read_text().split() or [None])[0] if sidecar.is_file() else None
@@ -409,9 +425,11 @@ def describe_file(path: str | Path) -> dict[str, Any]:
         "bytes": path.stat().st_size,
         "sha256": digest,
         "sidecar_sha256_matches": None if recorded is None else recorded == digest,
-        "layout": layout,
-        "tensors": len(features),
-        "parameters": sum(t.numel() for t in features.values()),
+        "layout": contents.layout,
+        "tensors": len(contents.features),
+        "parameters": sum(t.numel() for t in contents.features.values()),
         "keys_ok": True,
+        "random": contents.random_seed is not None,
+        "random_seed": contents.random_seed,
     }
 

@@ -324,3 +324,16 @@ def test_describe_reports_full_layout_and_bad_sidecar(tmp_path: Path, full_file:
     assert describe_file(copy)["sidecar_sha256_matches"] is False
     with pytest.raises(WeightsError, match="does not exist"):
         describe_file(tmp_path / "nope.pth")
+
+
+def test_export_of_random_weights_stays_flagged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, _ = export_features("random:9", tmp_path / "r.pth")
+    weights_mod.clear_cache()
+    with caplog.at_level(logging.WARNING, logger="stylequeue.engine.weights"):
+        loaded = load_weights(path)
+    assert loaded.info.random is True and loaded.info.seed == 9 and loaded.info.sha256
+    assert any("RANDOM" in r.message for r in caplog.records)
+    assert _same(loaded.state_dict, load_weights("random:9").state_dict)
+    assert describe_file(path)["random"] is True

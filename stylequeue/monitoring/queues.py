@@ -186,10 +186,10 @@ def make_collector(settings: Settings, queues: list[str] | None = None) -> Queue
     """A collector for the app's queues, with kombu's key layout read from the Celery app."""
     from stylequeue.tasks.app import make_app
 
-    app = make_app(settings)
-    keys = queue_keys(app.conf.broker_transport_options)
+    client = redis_broker_client(settings)
+    keys = queue_keys(make_app(settings).conf.broker_transport_options)
     names = queues or [settings.gpu_queue, settings.light_queue]
-    return QueueCollector(redis_broker_client(settings), names, keys)
+    return QueueCollector(client, names, keys)
 
 
 def serve_metrics(settings: Settings, port: int | None = None, address: str | None = None) -> None:

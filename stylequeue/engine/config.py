@@ -43,7 +43,7 @@ def gatys_style_layer_weights(
     content weight 1 and these style layer weights, for beta / alpha = ``style_to_content``.
     """
     content_factor = 512 * (size / 8) ** 2 / 2
-    return tuple(round(style_to_content * 0.2 * c * c / 4 / content_factor, 6) for c in channels)
+    return tuple(style_to_content * 0.2 * c * c / 4 / content_factor for c in channels)
 
 
 @dataclass(frozen=True)

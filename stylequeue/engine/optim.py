@@ -19,11 +19,19 @@ def make_optimizer(config: StyleConfig, image: torch.Tensor) -> torch.optim.Opti
     """Adam or L-BFGS over the single image tensor.
 
     L-BFGS takes one iteration per ``step()`` (its history persists in the state), so that
-    progress, cancellation and checkpoints work per iteration for both optimisers.
+    progress, cancellation and checkpoints work per iteration for both optimisers. With
+    max_iter=1 each step evaluates the loss exactly once, like Adam. Torch's L-BFGS only
+    updates its curvature memory when y.s > 1e-10, so losses should be of ordinary size
+    (set the weights accordingly); Adam is indifferent to the loss's scale.
     """
     if config.optimizer == "adam":
         return torch.optim.Adam([image], lr=config.lr, betas=config.betas)
-    return torch.optim.LBFGS([image], lr=config.lr, max_iter=1, history_size=LBFGS_HISTORY)
+    # Tolerances 0: the iteration budget decides when to stop, never the loss's absolute scale
+    # (which the layer weights set arbitrarily).
+    return torch.optim.LBFGS(
+        [image], lr=config.lr, max_iter=1, history_size=LBFGS_HISTORY,
+        tolerance_grad=0.0, tolerance_change=0.0,
+    )
 
 
 def optimizer_step(

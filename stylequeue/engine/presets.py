@@ -12,7 +12,11 @@ from typing import Any, Mapping
 from stylequeue.engine.config import RELU_STYLE_LAYERS, StyleConfig, gatys_style_layer_weights
 from stylequeue.exceptions import ConfigError
 
-_SEED_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
+# The seed selects modules 0, 5, 10, 19, 28 (conv1_1 ... conv5_1), but torchvision's VGG19 uses
+# ReLU(inplace=True) and the seed runs every module: each selected conv output is overwritten
+# by the next module's in-place ReLU before any loss reads it. What the seed really matches is
+# therefore relu1_1 ... relu5_1 (tests/engine/test_presets.py checks this against its loop).
+_SEED_LAYERS = RELU_STYLE_LAYERS
 
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
-from torchvision.models import vgg19
+from torchvision.models.vgg import cfgs, make_layers
 
 from stylequeue.exceptions import ConfigError, WeightsError
 
@@ -70,7 +70,8 @@ class VGGFeatures(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        features = vgg19(weights=None).features
+        # The same 37 modules as vgg19().features, without building (and initialising) the classifier.
+        features = make_layers(cfgs["E"])
         try:
             features.load_state_dict(_features_state_dict(state_dict))
         except RuntimeError as exc:

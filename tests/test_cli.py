@@ -18,6 +18,7 @@ from stylequeue.cli import main
 from stylequeue.engine import preset
 from stylequeue.engine.weights import clear_cache, file_sha256, load_weights
 from tests.conftest import make_image
+from tests.servers import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,7 @@ def test_run_writes_image_metadata_and_previews(tmp_path: Path, images: dict[str
         tmp_path, "run", str(images["content"]), str(images["style"]), str(images["style2"]),
         "-o", str(out), "--weights", "random:0", "--size", "32", "--iterations", "3",
         "--style-blend", "1", "3", "--tv-weight", "0.5", "--seed", "4", "--save-every", "2",
+        "--init", str(images["style"]),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -90,7 +92,7 @@ def test_run_writes_image_metadata_and_previews(tmp_path: Path, images: dict[str
     meta = json.loads((tmp_path / "result.png.json").read_text())
     cfg, default = meta["config"], preset("default")
     assert (cfg["size"], cfg["iterations"], cfg["seed"], cfg["tv_weight"]) == (32, 3, 4, 0.5)
-    assert cfg["style_blend_weights"] == [1.0, 3.0]
+    assert cfg["style_blend_weights"] == [1.0, 3.0] and cfg["init"] == "image"
     assert cfg["content_weight"] == default.content_weight  # not set: the preset's value
     assert cfg["optimizer"] == default.optimizer and cfg["pooling"] == default.pooling
     assert meta["random_weights"] is True and meta["stopped"] is False
@@ -100,6 +102,7 @@ def test_run_writes_image_metadata_and_previews(tmp_path: Path, images: dict[str
     assert meta["device"] == "cpu" and "torch" in meta["versions"]
     assert meta["inputs"]["content"] == str(images["content"])
     assert meta["inputs"]["styles"] == [str(images["style"]), str(images["style2"])]
+    assert meta["inputs"]["init"] == str(images["style"])
     assert meta["timings"]["command_s"] > 0
 
     # The progress bar: iterations, loss and a rate; and the loud random-weights warning.
@@ -154,10 +157,15 @@ def test_usage_errors_in_process(
     assert main(["run", *common, "-o", str(tmp_path / "o.png"), "--preset", "fast"]) == 2
     assert main(["run", *common, "-o", str(tmp_path / "o.png"), "--size", "3"]) == 2
     assert main(["run", *common, "-o", str(tmp_path / "o.png"), "--max-pixels", "100"]) == 2
+    # Inputs fit (48x32, 40x40) but a 256x171 output would not: refused before any work.
+    big = ["--size", "256", "--max-pixels", "2000"]
+    assert main(["run", *common, "-o", str(tmp_path / "o.png"), *big]) == 2
+    assert main(["run", *common, "-o", str(tmp_path / "o.png"), "--save-every", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 4 and all(line.startswith("stylequeue: error: ") for line in err)
+    assert len(err) == 6 and all(line.startswith("stylequeue: error: ") for line in err)
     assert ".bmp" in err[0] and "fast" in err[1] and "size" in err[2]
     assert "content.png" in err[3] and "--max-pixels" in err[3]
+    assert "output" in err[4] and "256x171" in err[4] and "save-every" in err[5]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -239,3 +247,31 @@ def test_help_is_fast_and_lists_subcommands(tmp_path: Path) -> None:
         env=_env(tmp_path), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert probe.stdout.strip() == "False", probe.stderr
+
+
+def test_weights_export_from_s3(tmp_path: Path) -> None:
+    """``--from s3://...`` through the storage layer's fetcher, against a real S3 endpoint."""
+    local = tmp_path / "upload.pth"
+    assert main(["weights", "export", "--from", "random:4", "-o", str(local)]) == 0
+    with S3Server() as server:
+        bucket = server.make_bucket()
+        server.client().upload_file(str(local), bucket, "models/vgg19.pth")
+        env = {
+            **_env(tmp_path),
+            "STYLEQUEUE_S3_ENDPOINT_URL": server.endpoint_url,
+            "STYLEQUEUE_S3_ACCESS_KEY_ID": server.access_key,
+            "STYLEQUEUE_S3_SECRET_ACCESS_KEY": server.secret_key,
+            "STYLEQUEUE_WEIGHTS_CACHE_DIR": str(tmp_path / "cache"),
+        }
+        dest = tmp_path / "pulled.pth"
+        proc = subprocess.run(
+            [sys.executable, "-m", "stylequeue", "weights", "export",
+             "--from", f"s3://{bucket}/models/vgg19.pth", "-o", str(dest)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # fetched once, kept for the next load
+    clear_cache()
+    pulled, original = load_weights(dest), load_weights("random:4")
+    assert all(torch.equal(pulled.state_dict[k], original.state_dict[k]) for k in original.state_dict)
+    assert pulled.info.random is True and pulled.info.seed == 4

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stylequeue import __version__
+from stylequeue.cli.weights import install_fetchers
 from stylequeue.exceptions import ConfigError
 
 # argparse dest -> StyleConfig field, for the options passed straight through as overrides.
@@ -101,7 +102,13 @@ def run_command(args: argparse.Namespace) -> int:
     """Load inputs, stylise, write OUT and OUT.json; see the module docstring."""
     from stylequeue.engine import VGGFeatures, preset, stylize
     from stylequeue.engine.device import resolve_device
-    from stylequeue.engine.images import format_for_path, load_image, save_image
+    from stylequeue.engine.images import (
+        check_output_pixels,
+        fit_longest,
+        format_for_path,
+        load_image,
+        save_image,
+    )
     from stylequeue.engine.weights import load_weights
     from stylequeue.settings import load_settings
 
@@ -132,8 +139,11 @@ def run_command(args: argparse.Namespace) -> int:
 
     content, styles = load(args.content), [load(s) for s in args.styles]
     init_image = load(init_path) if init_path else None
+    # Refuse an output past the limit now, not after the whole optimisation.
+    check_output_pixels(fit_longest(content.size, config.size), settings.max_pixels)
     images_s = time.perf_counter() - started
 
+    install_fetchers(settings)
     weights = load_weights(
         settings.weights,
         sha256=settings.weights_sha256 or None,

@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stylequeue.settings import Settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,6 +48,7 @@ def export_command(args: argparse.Namespace) -> int:
     from stylequeue.settings import load_settings
 
     settings = load_settings({"weights": args.source})
+    install_fetchers(settings)
     path, digest = export_features(
         settings.weights, args.output, sha256=args.sha256,
         cache_dir=settings.resolved_weights_cache_dir,
@@ -72,3 +77,17 @@ def info_command(args: argparse.Namespace) -> int:
     if info["random"]:
         print(f"WARNING:    RANDOM weights (exported from random:{info['random_seed']}), tests only")
     return 0 if info["sidecar_sha256_matches"] is not False else 2
+
+
+def install_fetchers(settings: "Settings") -> None:
+    """Let ``s3://`` weights load: register the storage layer's fetcher, importing boto3 only then.
+
+    Without the storage layer the engine's own error says how to fix it.
+    """
+    if not settings.weights.startswith("s3://"):
+        return
+    try:
+        from stylequeue.storage import install_weights_fetchers
+    except ImportError:
+        return
+    install_weights_fetchers(settings)

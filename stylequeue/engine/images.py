@@ -168,16 +168,26 @@ def resize_longest(img: Image.Image, size: int) -> Image.Image:
     Neither side drops below 1 pixel, so a 1x4000 strip still resizes. LANCZOS when shrinking
     (it anti-aliases), BICUBIC when enlarging (LANCZOS rings on upscales).
     """
-    if size < 1:
-        raise ConfigError(f"size must be at least 1 pixel, got {size}")
-    width, height = img.size
-    longest = max(width, height)
-    if longest == size:
+    new_size = fit_longest(img.size, size)
+    if new_size == img.size:
         return img
-    scale = size / longest
-    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+    shrinking = new_size[0] * new_size[1] < img.size[0] * img.size[1]
+    resample = Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC
     return img.resize(new_size, resample)
+
+
+def fit_longest(size: tuple[int, int], longest: int) -> tuple[int, int]:
+    """(width, height) scaled so the longer side is ``longest``; no side below 1."""
+    if longest < 1:
+        raise ConfigError(f"size must be at least 1 pixel, got {longest}")
+    width, height = size
+    scale = longest / max(width, height)
+    return (max(1, round(width * scale)), max(1, round(height * scale)))
+
+
+def check_output_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    """:class:`ImageTooLargeError` if an output of ``size`` would pass the limit (check early)."""
+    _check_pixels(size, max_pixels, "output", what="output image")
 
 
 def format_for_path(path: str | Path) -> str:
@@ -204,7 +214,7 @@ def encode_image(img: Image.Image, fmt: str, *, max_pixels: int | None = None) -
     """Encode ``img`` as PNG, JPEG or WebP (``fmt`` is a name or extension, any case)."""
     pillow_fmt = _pillow_format(fmt)
     if max_pixels is not None:
-        _check_pixels(img.size, max_pixels, "output", what="output image")
+        check_output_pixels(img.size, max_pixels)
     if img.mode != "RGB":
         img = to_rgb(img)
     buf = io.BytesIO()

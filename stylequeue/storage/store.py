@@ -83,7 +83,7 @@ class Storage:
         self._secrets = [s for s in (settings.s3_secret_access_key, settings.s3_access_key_id)
                          if len(s) >= MIN_SECRET_LEN]
         _redact_library_logs(self._secrets)
-        self._prefixes = [_parse_prefix(p) for p in (*settings.allowed_prefix_list, *extra_prefixes)]
+        self._prefixes = [parse_prefix(p) for p in (*settings.allowed_prefix_list, *extra_prefixes)]
         self._s3 = S3Backend(settings, self.scrub)
         self._file = FileBackend()
 
@@ -192,7 +192,8 @@ class Storage:
                 raise
 
 
-def _parse_prefix(prefix: str) -> Location:
+def parse_prefix(prefix: str) -> Location:
+    """An allowed prefix from the settings; a bad one is the operator's ConfigError."""
     try:
         return parse_uri(prefix)
     except StorageError as exc:

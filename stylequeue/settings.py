@@ -127,6 +127,12 @@ class Settings:
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
 
+    def __repr__(self) -> str:
+        # The dataclass repr would print the S3 secret and Flower password wherever a Settings is
+        # logged or shown in a traceback (pytest prints fixture values); show the redacted form.
+        fields_text = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"Settings({fields_text})"
+
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict, with secrets masked, for logs and metadata."""
         out = dataclasses.asdict(self)

@@ -227,7 +227,7 @@ def test_secrets_never_in_errors_repr_or_logs(
     assert secret and key_id
     store = open_storage(settings.replace(storage_retries=2, storage_backoff_s=0.01))
     root = settings.resolved_storage_root
-    seen: list[str] = [repr(store), str(store)]
+    seen: list[str] = [repr(store), str(store), repr(settings), str(settings)]
     failing = [lambda: store.get_bytes(f"{root}/missing"), lambda: store.get_bytes("s3://not-allowed/x"),
                lambda: store.get_bytes("nope://x")]
     with caplog.at_level(logging.DEBUG):  # botocore's DEBUG logs print request headers

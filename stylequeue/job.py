@@ -28,7 +28,16 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from stylequeue.exceptions import ConfigError, JobSpecError, StorageError
 from stylequeue.storage.uri import check_allowed, parse_uri
@@ -96,12 +105,14 @@ class JobSpec(BaseModel):
     job_id: str | None = Field(None, description="[A-Za-z0-9_-], at most 128; a uuid4 hex if absent")
     content: StorageURI = Field(description="content image URI (s3://bucket/key or file:///abs/path)")
     styles: list[StorageURI] = Field(min_length=1, max_length=MAX_STYLES, description="style image URIs")
-    output: StorageURI | None = Field(None, description="output URI prefix; default <storage_root>/jobs/<job_id>")
+    output: StorageURI | None = Field(
+        None, description="output URI prefix; default <storage_root>/jobs/<job_id>")
     preset: str = Field("default", description="engine preset: seed, gatys or default")
     params: dict[str, Any] = Field(default_factory=dict, description="StyleConfig overrides")
     weights: str | None = Field(None, description="override the worker's weights source")
     output_format: Literal["png", "jpg", "webp"] = "png"
-    priority: int | None = Field(None, ge=0, le=9, description="0 is the highest with Celery's Redis transport")
+    priority: int | None = Field(
+        None, ge=0, le=9, description="0 is the highest with Celery's Redis transport; None: queue default")
     preview_every: int | None = Field(None, ge=0, description="iterations between previews; 0 = none")
     checkpoint_every: int | None = Field(None, ge=0, description="iterations between checkpoints; 0 = none")
 
@@ -209,7 +220,8 @@ def _check_allowed(spec: JobSpec, settings: "Settings") -> None:
 
     prefixes = [parse_prefix(p) for p in settings.allowed_prefix_list]
     named = [("content", spec.content), *((f"styles.{i}", u) for i, u in enumerate(spec.styles))]
-    named += [("output", spec.output), ("weights", spec.weights if spec.weights and "://" in spec.weights else None)]
+    weights_uri = spec.weights if spec.weights and "://" in spec.weights else None
+    named += [("output", spec.output), ("weights", weights_uri)]
     for field, uri in named:
         if uri is None:
             continue

@@ -320,8 +320,10 @@ class S3Server(_Restartable):
         self.mode = "external" if self.external else mode
         self.port = port or free_port()
         self.startup_timeout = startup_timeout
-        self.access_key = os.environ.get("STYLEQUEUE_TEST_S3_ACCESS_KEY", "minioadmin") if self.external else "testing-access-key"
-        self.secret_key = os.environ.get("STYLEQUEUE_TEST_S3_SECRET_KEY", "minioadmin") if self.external else "testing-secret-key"
+        env = os.environ.get
+        # moto accepts any keys; these are long enough for Storage to mask them in messages.
+        self.access_key = env("STYLEQUEUE_TEST_S3_ACCESS_KEY", "minioadmin") if self.external else "testing-access-key"
+        self.secret_key = env("STYLEQUEUE_TEST_S3_SECRET_KEY", "minioadmin") if self.external else "testing-secret-key"
         self.region = "us-east-1"
         self._moto: _MotoThread | None = None
         self._proxy: TcpProxy | None = None

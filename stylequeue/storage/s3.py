@@ -29,6 +29,7 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
 CHUNK_BYTES = 1 << 20
+LIST_PAGE_SIZE = 1000  # S3's maximum keys per ListObjectsV2 response
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
@@ -124,7 +125,8 @@ class S3Backend:
     def list(self, loc: Location) -> list[str]:
         def op() -> list[str]:
             keys: list[str] = []
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.key)
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=loc.bucket, Prefix=loc.key, PaginationConfig={"PageSize": LIST_PAGE_SIZE})
             for page in pages:
                 keys.extend(obj["Key"] for obj in page.get("Contents", []))
             return [f"s3://{loc.bucket}/{key}" for key in sorted(keys)]

@@ -64,14 +64,19 @@ def test_round_trip_list_exists_delete(store: Storage, root: str) -> None:
     assert store.list(f"{root}/") == []
 
 
-def test_list_is_paginated(settings: Settings) -> None:
+def test_list_follows_every_page(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stylequeue.storage import s3
+
+    monkeypatch.setattr(s3, "LIST_PAGE_SIZE", 3)  # S3 pages at 1000; 3 shows the same loop quickly
     store = open_storage(settings)
     prefix = f"{settings.resolved_storage_root}/many/"
-    for i in range(1003):  # list_objects_v2 returns at most 1000 keys per page
-        store.s3_client.put_object(Bucket=prefix.split("/")[2], Key=f"stylequeue/many/{i:05d}", Body=b"")  # type: ignore[attr-defined]
+    for i in range(8):
+        store.put_bytes(f"{prefix}{i:02d}", b"")
+    counter = RequestCounter(store)
     listed = store.list(prefix)
-    assert len(listed) == 1003 and listed[-1].endswith("/01002")
-    assert store.delete_prefix(prefix) == 1003
+    assert listed == [f"{prefix}{i:02d}" for i in range(8)]
+    assert counter.count == 3  # pages of 3 + 3 + 2
+    assert store.delete_prefix(prefix) == 8 and store.list(prefix) == []
 
 
 def test_get_to_file(store: Storage, root: str, tmp_path: Path) -> None:

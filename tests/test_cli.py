@@ -211,7 +211,7 @@ def test_weights_export_and_info_round_trip(tmp_path: Path) -> None:
     clear_cache()
     exported, original = load_weights(dest, sha256=digest), load_weights("random:3")
     assert exported.state_dict.keys() == original.state_dict.keys()
-    assert all(torch.equal(exported.state_dict[k], original.state_dict[k]) for k in exported.state_dict)
+    assert all(torch.equal(t, original.state_dict[k]) for k, t in exported.state_dict.items())
     # Random weights stay flagged through the file, so outputs made from it still say so.
     assert exported.info.random is True and exported.info.seed == 3
     assert "RANDOM" in info.stdout
@@ -273,5 +273,5 @@ def test_weights_export_from_s3(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache").iterdir())) == 1  # fetched once, kept for the next load
     clear_cache()
     pulled, original = load_weights(dest), load_weights("random:4")
-    assert all(torch.equal(pulled.state_dict[k], original.state_dict[k]) for k in original.state_dict)
+    assert all(torch.equal(t, original.state_dict[k]) for k, t in pulled.state_dict.items())
     assert pulled.info.random is True and pulled.info.seed == 4

@@ -19,11 +19,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from stylequeue import __version__
 from stylequeue.cli.weights import install_fetchers
 from stylequeue.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from stylequeue.engine import StyleConfig
+    from stylequeue.settings import Settings
 
 # argparse dest -> StyleConfig field, for the options passed straight through as overrides.
 _PASSTHROUGH = {
@@ -85,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     io = p.add_argument_group("inputs and outputs")
     io.add_argument(
         "--weights",
-        help="imagenet, a file path, s3://bucket/key or random[:SEED] (default: settings, imagenet)",
+        help="imagenet, a file path, s3://bucket/key or random[:SEED] (default: settings)",
     )
     io.add_argument("--weights-sha256", help="refuse weights whose file has another sha256")
     io.add_argument(
@@ -100,22 +104,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Load inputs, stylise, write OUT and OUT.json; see the module docstring."""
-    from stylequeue.engine import VGGFeatures, preset, stylize
-    from stylequeue.engine.device import resolve_device
-    from stylequeue.engine.images import (
-        check_output_pixels,
-        fit_longest,
-        format_for_path,
-        load_image,
-        save_image,
-    )
-    from stylequeue.engine.weights import load_weights
-    from stylequeue.settings import load_settings
+    from stylequeue.engine import stylize
+    from stylequeue.engine.images import format_for_path, save_image
 
     started = time.perf_counter()
     out = Path(args.output)
     format_for_path(out)  # an unknown extension fails now, not after the whole run
-    settings = load_settings(
+    settings = _settings(args)
+    config, init_path = _config(args, settings.device)
+    content, styles, init_image = _load_inputs(args, init_path, config, settings.max_pixels)
+    images_s = time.perf_counter() - started
+    weights, model = _load_model(settings, config)
+    setup_s = time.perf_counter() - started
+
+    stop = _StopFlag()
+    with _ProgressBar(config.total_iterations, quiet=args.quiet) as bar, stop.installed():
+        callback = _callback(bar, out, args.save_every, settings.max_pixels, save_image)
+        result = stylize(
+            content, styles, config, model=model, init_image=init_image,
+            callback=callback, should_stop=stop,
+        )  # fmt: skip
+    save_image(result.image, out, max_pixels=settings.max_pixels)
+
+    meta = result.metadata()
+    meta["weights"] = weights.info.to_dict()
+    meta["random_weights"] = weights.info.random
+    meta["inputs"] = {"content": args.content, "styles": list(args.styles), "init": init_path}
+    meta["output"] = str(out)
+    meta["stylequeue_version"] = __version__
+    meta["timings"] = {
+        **meta.get("timings", {}),
+        "load_images_s": images_s,
+        "setup_s": setup_s,  # images, weights and model
+        "command_s": time.perf_counter() - started,  # from parsed arguments to OUT written
+    }
+    _write_json(_metadata_path(out), meta)
+    _report(args, out, result, weights.info.random)
+    return 130 if result.stopped else 0
+
+
+def _settings(args: argparse.Namespace) -> "Settings":
+    from stylequeue.settings import load_settings
+
+    return load_settings(
         {
             "weights": args.weights,
             "weights_sha256": args.weights_sha256,
@@ -123,7 +154,13 @@ def run_command(args: argparse.Namespace) -> int:
             "device": args.device,
         }
     )
-    overrides = _overrides(args, settings.device)
+
+
+def _config(args: argparse.Namespace, device: str) -> tuple["StyleConfig", str | None]:
+    """The preset with the user's overrides -> (config, initial image path or None)."""
+    from stylequeue.engine import preset
+
+    overrides = _overrides(args, device)
     init_path = None
     if args.init is not None:
         overrides["init"] = args.init if args.init in INIT_KEYWORDS else "image"
@@ -133,15 +170,28 @@ def run_command(args: argparse.Namespace) -> int:
         # Previews can only be taken in the progress callback: make it fire on every multiple of
         # save_every as well (progress_every never changes the result).
         config = config.replace(progress_every=math.gcd(config.progress_every, args.save_every))
+    return config, init_path
+
+
+def _load_inputs(
+    args: argparse.Namespace, init_path: str | None, config: "StyleConfig", max_pixels: int
+) -> tuple[Any, list[Any], Any]:
+    from stylequeue.engine.images import check_output_pixels, fit_longest, load_image
 
     def load(path: str) -> Any:
-        return load_image(path, max_pixels=settings.max_pixels)
+        return load_image(path, max_pixels=max_pixels)
 
     content, styles = load(args.content), [load(s) for s in args.styles]
     init_image = load(init_path) if init_path else None
     # Refuse an output past the limit now, not after the whole optimisation.
-    check_output_pixels(fit_longest(content.size, config.size), settings.max_pixels)
-    images_s = time.perf_counter() - started
+    check_output_pixels(fit_longest(content.size, config.size), max_pixels)
+    return content, styles, init_image
+
+
+def _load_model(settings: "Settings", config: "StyleConfig") -> tuple[Any, Any]:
+    from stylequeue.engine import VGGFeatures
+    from stylequeue.engine.device import resolve_device
+    from stylequeue.engine.weights import load_weights
 
     install_fetchers(settings)
     weights = load_weights(
@@ -152,30 +202,7 @@ def run_command(args: argparse.Namespace) -> int:
     model = VGGFeatures.from_weights(
         weights, pooling=config.pooling, device=resolve_device(config.device)
     )
-    setup_s = time.perf_counter() - started
-    stop = _StopFlag()
-    with _ProgressBar(config.total_iterations, quiet=args.quiet) as bar, stop.installed():
-        callback = _callback(bar, out, args.save_every, settings.max_pixels, save_image)
-        result = stylize(
-            content, styles, config, model=model, init_image=init_image,
-            callback=callback, should_stop=stop,
-        )  # fmt: skip
-    save_image(result.image, out, max_pixels=settings.max_pixels)
-    meta = result.metadata()
-    meta["weights"] = weights.info.to_dict()
-    meta["random_weights"] = weights.info.random
-    meta["inputs"] = {"content": args.content, "styles": list(args.styles), "init": init_path}
-    meta["output"] = str(out)
-    meta["stylequeue_version"] = __version__
-    meta["timings"] = {
-        **meta.get("timings", {}),
-        "load_images_s": images_s,
-        "setup_s": setup_s,
-        "command_s": time.perf_counter() - started,  # everything, from start-up to writing OUT
-    }
-    _write_json(_metadata_path(out), meta)
-    _report(args, out, result, weights.info.random)
-    return 130 if result.stopped else 0
+    return weights, model
 
 
 def _overrides(args: argparse.Namespace, device: str) -> dict[str, Any]:

@@ -75,7 +75,8 @@ def info_command(args: argparse.Namespace) -> int:
     print(f"layout:     {info['layout']} VGG19")
     print(f"tensors:    {info['tensors']} ({info['parameters']:,} parameters), keys and shapes ok")
     if info["random"]:
-        print(f"WARNING:    RANDOM weights (exported from random:{info['random_seed']}), tests only")
+        seed = info["random_seed"]
+        print(f"WARNING:    RANDOM weights (exported from random:{seed}), for tests only")
     return 0 if info["sidecar_sha256_matches"] is not False else 2
 
 

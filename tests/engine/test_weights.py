@@ -1,4 +1,4 @@
-"""Weights sources: files the tests write, random weights, the fetcher registry, imagenet offline."""
+"""Weights sources: files the tests write, random weights, fetchers, imagenet offline."""
 
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ def test_random_is_seeded_flagged_and_warns_every_time(caplog: pytest.LogCapture
     weights_mod.clear_cache()
     again = load_weights("random:5")
     assert _same(a.state_dict, again.state_dict) and a is b
-    assert not torch.equal(load_weights("random:6").state_dict["0.weight"], a.state_dict["0.weight"])
+    other = load_weights("random:6").state_dict["0.weight"]
+    assert not torch.equal(other, a.state_dict["0.weight"])
     assert a.info.to_dict() == {"source": "random:5", "sha256": None, "random": True, "seed": 5}
     assert {k: tuple(v.shape) for k, v in a.state_dict.items()} == FEATURE_SHAPES
     assert float(a.state_dict["0.weight"].std()) > 0.05  # Kaiming scale, not zeros
@@ -101,7 +102,7 @@ def test_unknown_source_lists_the_accepted_forms(source: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_weights(source)
     message = str(info.value)
-    assert "imagenet" in message and "s3://" in message and "random" in message and "path" in message
+    assert all(form in message for form in ("imagenet", "s3://", "random", "path"))
 
 
 # --- files --------------------------------------------------------------------------------
@@ -153,7 +154,8 @@ def test_wrong_shapes(tmp_path: Path, features: dict) -> None:
     bad["2.weight"] = bad["2.weight"].transpose(0, 1).contiguous()[:, :32]
     path = tmp_path / "shapes.pth"
     torch.save(bad, path)
-    with pytest.raises(WeightsError, match=r"shapes\.pth.*wrong shapes: 2\.weight is \(64, 32, 3, 3\)"):
+    expected = r"shapes\.pth.*wrong shapes: 2\.weight is \(64, 32, 3, 3\)"
+    with pytest.raises(WeightsError, match=expected):
         load_weights(path)
 
 
@@ -161,7 +163,8 @@ def test_missing_and_unexpected_keys(tmp_path: Path, features: dict) -> None:
     partial = {k: v for k, v in features.items() if not k.startswith("34.")}
     path = tmp_path / "partial.pth"
     torch.save(partial, path)
-    with pytest.raises(WeightsError, match=r"partial\.pth.*missing 2 tensors \(34\.weight, 34\.bias\)"):
+    expected = r"partial\.pth.*missing 2 tensors \(34\.weight, 34\.bias\)"
+    with pytest.raises(WeightsError, match=expected):
         load_weights(path)
     bn = {**features, "1.running_mean": torch.zeros(64)}
     torch.save(bn, path)
@@ -182,7 +185,7 @@ def test_sha256_checked(features_file: Path) -> None:
     wrong = "0" * 64
     with pytest.raises(WeightsChecksumError) as info:
         load_weights(features_file, sha256=wrong)
-    assert actual in str(info.value) and wrong in str(info.value) and str(features_file) in str(info.value)
+    assert all(part in str(info.value) for part in (actual, wrong, str(features_file)))
 
 
 def test_in_process_cache_sees_a_rewritten_file(tmp_path: Path, features: dict) -> None:
@@ -305,7 +308,8 @@ def test_export_from_full_file(tmp_path: Path, full_file: Path, features: dict) 
     dest = tmp_path / "out" / "vgg19-features.pth"
     path, digest = export_features(str(full_file), dest)
     assert path == dest and digest == file_sha256(dest)
-    assert (tmp_path / "out" / "vgg19-features.pth.sha256").read_text() == f"{digest}  {dest.name}\n"
+    sidecar = tmp_path / "out" / "vgg19-features.pth.sha256"
+    assert sidecar.read_text() == f"{digest}  {dest.name}\n"
     assert 79e6 < dest.stat().st_size < 81e6  # features only: ~80 MB, not 548 MB
     assert set(torch.load(dest, weights_only=True)) == set(FEATURE_SHAPES)
     weights_mod.clear_cache()

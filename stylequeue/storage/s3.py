@@ -35,7 +35,7 @@ _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
            "InvalidToken", "ExpiredToken", "AccountProblem"}
 _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-              "ServiceUnavailable", "RequestTimeTooSkewed", "TooManyRequests", "RequestLimitExceeded"}
+              "ServiceUnavailable", "TooManyRequests", "RequestLimitExceeded"}
 
 
 def make_client(settings: Settings) -> Any:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from stylequeue.settings import Settings
-from tests.servers import RedisServer, S3Server, port_open
+from tests.servers import RedisServer, S3Server, TcpProxy, port_open
 
 
 def test_redis_restarts_on_same_port(redis_server: RedisServer) -> None:
@@ -42,3 +44,34 @@ def test_service_env_points_at_test_servers(
     assert settings.resolved_storage_root == f"s3://{s3_bucket}/stylequeue"
     assert settings.weights == "random:0"
     assert f"s3://{s3_bucket}/" in settings.allowed_prefix_list
+
+
+def test_proxy_outage_keeps_redis_data(redis_server: RedisServer) -> None:
+    """A TcpProxy in front of Redis: a network outage that, unlike a restart, loses nothing."""
+    import redis
+
+    with TcpProxy("127.0.0.1", redis_server.port) as proxy:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # No client-side retries: the point is to see the outage, not redis-py riding it out.
+        client = redis.Redis(host="127.0.0.1", port=proxy.port, socket_timeout=2, retry=Retry(NoBackoff(), 0))
+        client.set("queued", "job-1")
+        proxy.stop()
+        with pytest.raises(redis.ConnectionError):
+            client.get("queued")
+        proxy.start()
+        assert client.get("queued") == b"job-1"
+
+
+def test_moto_process_mode_loses_data_on_restart() -> None:
+    """The documented difference: a separate moto process forgets its buckets when restarted."""
+    if os.environ.get("STYLEQUEUE_TEST_S3_ENDPOINT"):
+        pytest.skip("MinIO configured: the moto modes are not in use")
+    with S3Server(mode="process") as server:
+        bucket = server.make_bucket()
+        server.stop()
+        assert not port_open(server.port)
+        server.start()
+        names = [b["Name"] for b in server.client().list_buckets()["Buckets"]]
+        assert bucket not in names

@@ -47,8 +47,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
         XDG_DATA_HOME=str(tmp_path / "data"),
         PYTHONPATH=str(REPO),
     )
-    for var in ("STYLEQUEUE_WEIGHTS", "STYLEQUEUE_CONFIG", "STYLEQUEUE_MAX_PIXELS"):
-        env.pop(var, None)
+    for var in [v for v in env if v.startswith("STYLEQUEUE_")]:
+        env.pop(var)  # only the defaults and what each test sets
     return env
 
 
@@ -142,7 +142,8 @@ def test_imagenet_offline_says_how_to_give_weights(tmp_path: Path, images: dict[
         [sys.executable, "-m", "stylequeue", "run", str(images["content"]), str(images["style"]),
          "-o", "out.png", "--size", "32", "--iterations", "1"],
         cwd=tmp_path,
-        env={**_env(tmp_path), "https_proxy": env_proxy, "HTTPS_PROXY": env_proxy, "NO_PROXY": ""},
+        env={**_env(tmp_path), "https_proxy": env_proxy, "HTTPS_PROXY": env_proxy,
+             "NO_PROXY": "", "no_proxy": ""},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     line = _assert_one_line_error(proc, "torch", "vgg19-dcbb9e9d.pth", "s3://", "weights export")

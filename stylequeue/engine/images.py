@@ -35,6 +35,10 @@ _SAVE_OPTIONS: dict[str, dict[str, object]] = {
     "JPEG": {"quality": 95, "subsampling": 0},
     "WEBP": {"quality": 95, "method": 4},
 }
+# What we decode: common raster formats only. Image.open's default tries every plugin Pillow has,
+# including EPS (which runs Ghostscript) - too much attack surface for files from strangers.
+# (Phone JPEGs that Pillow opens as MPO come through the JPEG plugin.)
+INPUT_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 _LIMIT_HINT = "raise it with STYLEQUEUE_MAX_PIXELS or --max-pixels, or send a smaller image"
 # Decoder failures Pillow raises for broken or truncated data.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError)
@@ -98,17 +102,26 @@ def _open(source: ImageSource, label: str) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow warns between 1x and 2x MAX_IMAGE_PIXELS and raises above; both are refused.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(fp)
+            img = Image.open(fp, formats=INPUT_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(
             f"{label}: refused as a possible decompression bomb ({exc}); send a smaller image"
         ) from None
     except UnidentifiedImageError:
         raise ImageError(
-            f"{label}: not an image Pillow can read (expected PNG, JPEG, WebP, GIF, BMP, TIFF...)"
+            f"{label}: not an image stylequeue reads (expected {', '.join(INPUT_FORMATS)})"
         ) from None
     except _DECODE_ERRORS as exc:
         raise ImageError(f"{label}: cannot read the image header ({exc})") from None
+    # Backstop for the warning filter above, which another thread may have reset meanwhile.
+    bomb_limit = Image.MAX_IMAGE_PIXELS
+    if bomb_limit and img.width * img.height > bomb_limit:
+        img.close()
+        raise ImageTooLargeError(
+            f"{label}: refused as a possible decompression bomb ({img.width}x{img.height} is over "
+            f"Pillow's limit of {bomb_limit:,} pixels); send a smaller image"
+        )
+    return img
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int, label: str, *, what: str) -> None:

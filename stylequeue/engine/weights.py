@@ -175,7 +175,7 @@ def _load_uncached(source: str, sha256: str | None, cache_dir: str | None) -> Lo
     path = source[len("file://") :] if source.startswith("file://") else source
     looks_like_path = os.path.sep in path or path.endswith((".pth", ".pt")) or os.path.exists(path)
     if not path or not looks_like_path:
-        raise ConfigError(f"unknown weights source {source!r}; use {_ACCEPTED}")
+        raise ConfigError(f"unknown weights source {source!r} (and no such file); use {_ACCEPTED}")
     return _load_file(Path(path), source, sha256)
 
 

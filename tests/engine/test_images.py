@@ -73,9 +73,19 @@ def test_zero_bytes_in_memory_named() -> None:
 def test_text_renamed_png(tmp_path: Path) -> None:
     path = tmp_path / "notes.png"
     path.write_text("this is not a picture\n" * 20)
-    with pytest.raises(ImageError, match="notes.png.*not an image") as info:
+    with pytest.raises(ImageError, match="notes.png.*not an image stylequeue reads") as info:
         load_image(path, max_pixels=LIMIT)
     assert not isinstance(info.value, ImageTooLargeError)
+
+
+def test_formats_outside_the_allow_list_are_refused(tmp_path: Path) -> None:
+    # EPS would be rendered by Ghostscript: never opened, whatever the extension says.
+    path = tmp_path / "page.png"
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(ImageError, match="page.png.*not an image stylequeue reads"):
+        load_image(path, max_pixels=LIMIT)
+    bmp = _write(Image.new("RGB", (3, 2), (9, 8, 7)), tmp_path / "old.bmp")
+    assert load_image(bmp, max_pixels=LIMIT).getpixel((2, 1)) == (9, 8, 7)
 
 
 @pytest.mark.parametrize("fmt,ext", [("PNG", "png"), ("JPEG", "jpg")])
@@ -312,3 +322,13 @@ def test_failed_save_leaves_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.undo()
     assert load_image(path, max_pixels=LIMIT).getpixel((0, 0)) == (255, 0, 0)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.png"]
+
+
+def test_mpo_phone_jpeg_loads(tmp_path: Path) -> None:
+    # Many phone cameras write MPO (a JPEG with extra pictures); Pillow opens it as JPEG's sibling.
+    path = tmp_path / "phone.jpg"
+    first, second = Image.new("RGB", (8, 6), (0, 255, 0)), Image.new("RGB", (8, 6), (255, 0, 0))
+    first.save(path, format="MPO", save_all=True, append_images=[second], quality=100)
+    assert Image.open(path).format == "MPO"
+    r, g, b = load_image(path, max_pixels=LIMIT).getpixel((4, 3))
+    assert g > 240 and r < 15 and b < 15

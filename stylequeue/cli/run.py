@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from stylequeue import __version__
 from stylequeue.cli.weights import install_fetchers
-from stylequeue.exceptions import ConfigError
+from stylequeue.exceptions import ConfigError, StyleQueueError
 
 if TYPE_CHECKING:
     from stylequeue.engine import StyleConfig
@@ -104,6 +104,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Load inputs, stylise, write OUT and OUT.json; see the module docstring."""
+    import torch
+
     from stylequeue.engine import stylize
     from stylequeue.engine.images import format_for_path, save_image
 
@@ -120,10 +122,16 @@ def run_command(args: argparse.Namespace) -> int:
     stop = _StopFlag()
     with _ProgressBar(config.total_iterations, quiet=args.quiet) as bar, stop.installed():
         callback = _callback(bar, out, args.save_every, settings.max_pixels, save_image)
-        result = stylize(
-            content, styles, config, model=model, init_image=init_image,
-            callback=callback, should_stop=stop,
-        )  # fmt: skip
+        try:
+            result = stylize(
+                content, styles, config, model=model, init_image=init_image,
+                callback=callback, should_stop=stop,
+            )  # fmt: skip
+        except torch.OutOfMemoryError:
+            raise StyleQueueError(
+                f"out of device memory at size {config.size} on {config.device}: lower --size, "
+                "use fewer --scales or another --device"
+            ) from None
     save_image(result.image, out, max_pixels=settings.max_pixels)
 
     meta = result.metadata()
@@ -193,15 +201,14 @@ def _load_model(settings: "Settings", config: "StyleConfig") -> tuple[Any, Any]:
     from stylequeue.engine.device import resolve_device
     from stylequeue.engine.weights import load_weights
 
+    device = resolve_device(config.device)  # a missing GPU fails before the weights load
     install_fetchers(settings)
     weights = load_weights(
         settings.weights,
         sha256=settings.weights_sha256 or None,
         cache_dir=settings.resolved_weights_cache_dir,
     )
-    model = VGGFeatures.from_weights(
-        weights, pooling=config.pooling, device=resolve_device(config.device)
-    )
+    model = VGGFeatures.from_weights(weights, pooling=config.pooling, device=device)
     return weights, model
 
 

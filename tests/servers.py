@@ -88,8 +88,16 @@ class _Restartable:
         self.start()
 
     def __enter__(self) -> Any:
-        self.start()
-        return self
+        """Start; a port picked by free_port() that someone took meanwhile is picked again."""
+        for attempt in range(3):
+            try:
+                self.start()
+                return self
+            except (OSError, RuntimeError):
+                if not getattr(self, "auto_port", False) or attempt == 2:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -100,6 +108,7 @@ class RedisServer(_Restartable):
 
     def __init__(self, port: int | None = None, startup_timeout: float = 15.0) -> None:
         self.port = port or free_port()
+        self.auto_port = port is None
         self.startup_timeout = startup_timeout
         self.workdir = Path(tempfile.mkdtemp(prefix="stylequeue-redis-"))
         self.log_path = self.workdir / "redis.log"
@@ -172,6 +181,7 @@ class TcpProxy(_Restartable):
     def __init__(self, upstream_host: str, upstream_port: int, port: int | None = None) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.port = port or free_port()
+        self.auto_port = port is None
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -283,7 +293,10 @@ class _MotoThread:
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         app = enforce_presigned_expiry(DomainDispatcherApplication(create_backend_app))
-        server = make_server(HOST, self.port, app, threaded=True, request_handler=MotoRequestHandler)
+        try:
+            server = make_server(HOST, self.port, app, threaded=True, request_handler=MotoRequestHandler)
+        except SystemExit:  # werkzeug exits the process when the port is taken
+            raise OSError(f"port {self.port} is already in use") from None
         accept = server.get_request
 
         def get_request() -> tuple[socket.socket, Any]:
@@ -319,6 +332,7 @@ class S3Server(_Restartable):
         self.external = os.environ.get("STYLEQUEUE_TEST_S3_ENDPOINT", "").rstrip("/")
         self.mode = "external" if self.external else mode
         self.port = port or free_port()
+        self.auto_port = port is None
         self.startup_timeout = startup_timeout
         env = os.environ.get
         # moto accepts any keys; these are long enough for Storage to mask them in messages.
@@ -382,7 +396,8 @@ class S3Server(_Restartable):
             return
         if self.mode == "external":
             host, port = _host_port(self.external)
-            self._proxy = self._proxy or TcpProxy(host, port, port=self.port)
+            if self._proxy is None or self._proxy.port != self.port:
+                self._proxy = TcpProxy(host, port, port=self.port)
             self._proxy.start()
         elif self.mode == "thread":
             self._moto = _MotoThread(self.port)

@@ -19,6 +19,7 @@ from celery.result import AsyncResult
 
 from stylequeue.exceptions import JobFailedError, JobSpecError
 from stylequeue.job import JobSpec, JobStatus
+from stylequeue.settings import Settings
 from stylequeue.scheduler.jobs import JobHandle, _claim, build_chain, default_app, parse_spec
 from stylequeue.tasks.app import TASK_CONTACT_SHEET, settings_of
 
@@ -63,6 +64,7 @@ def batch_specs(
     contents: Sequence[str],
     styles: Sequence[str],
     common: Mapping[str, Any],
+    settings: Settings | None = None,
 ) -> list[JobSpec]:
     """One spec per pair: ``<batch_id>-000``, ``-001``, ... in the order of the varying input."""
     if not contents or not styles:
@@ -74,7 +76,7 @@ def batch_specs(
         )
     pairs = [(c, s) for c in contents for s in styles]
     return [
-        parse_spec({**common, "job_id": f"{batch_id}-{i:03d}", "content": c, "styles": [s]})
+        parse_spec({**common, "job_id": f"{batch_id}-{i:03d}", "content": c, "styles": [s]}, settings)
         for i, (c, s) in enumerate(pairs)
     ]
 
@@ -97,7 +99,7 @@ def submit_batch(
     app = app or default_app()
     settings = settings_of(app)
     batch_id = batch_id or f"batch-{uuid.uuid4().hex[:12]}"
-    specs = batch_specs(batch_id, contents, styles, job_fields)
+    specs = batch_specs(batch_id, contents, styles, job_fields, settings)
     sheet_uri = f"{settings.resolved_storage_root}/batches/{batch_id}/contact_sheet.png"
     claimed = [_claim(app, spec) for spec in specs]
     handles = [handle for handle, _ in claimed]

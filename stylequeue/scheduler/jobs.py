@@ -11,7 +11,7 @@ job.cancel()
 A job is the chain ``validate -> stylize[0..n-1] -> publish`` with task ids derived from the
 job id, so any process can follow a job from its id alone. The same job id submitted twice does
 the work once: the first submitter claims the id in the result backend; later submits get a
-handle to the same job (unless it FAILED or was CANCELLED, which may be run again).
+handle to the same job (unless it FAILED, TIMED_OUT or was CANCELLED: such a job may run again).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from typing import Any, Mapping
 
 from celery import Celery, chain
 from celery.canvas import Signature
+from celery.exceptions import TimeLimitExceeded
 from celery.result import AsyncResult
 
-from stylequeue.exceptions import JobFailedError, JobSpecError
+from stylequeue.exceptions import JobFailedError, JobSpecError, JobTimeoutError
 from stylequeue.job import JobPaths, JobSpec, JobStatus
 from stylequeue.settings import Settings
 from stylequeue.tasks.app import TASK_PUBLISH, TASK_STYLIZE, TASK_VALIDATE, settings_of
@@ -45,11 +46,11 @@ def task_ids(job_id: str, steps: int) -> list[str]:
     return [f"{job_id}.validate", *(f"{job_id}.stylize.{k}" for k in range(steps)), f"{job_id}.publish"]
 
 
-def parse_spec(spec: JobSpec | Mapping[str, Any]) -> JobSpec:
-    """Validate a spec (and its engine settings) before anything is queued."""
-    job = spec if isinstance(spec, JobSpec) else JobSpec.parse(dict(spec))
-    job.style_config()  # raises ConfigError for bad engine settings (NaN weights, bad layers, ...)
-    return job
+def parse_spec(spec: JobSpec | Mapping[str, Any], settings: Settings | None = None) -> JobSpec:
+    """Validate a spec before anything is queued: fields, engine settings and, with ``settings``,
+    that every URI lies under the deployment's allowed prefixes."""
+    data = spec.message() if isinstance(spec, JobSpec) else dict(spec)
+    return JobSpec.parse(data, settings)
 
 
 def build_chain(app: Celery, spec: JobSpec, steps: int, ids: list[str]) -> Signature:
@@ -89,18 +90,24 @@ class JobHandle:
 
     def status(self) -> JobStatus:
         """One JobStatus from the states of the chain's tasks (and the cancel flag)."""
-        states = [r.state for r in self._results()]
+        results = self._results()
+        states = [r.state for r in results]
         if states[-1] == "SUCCESS":
             return JobStatus.SUCCEEDED
-        if "FAILURE" in states:
-            return JobStatus.FAILED
+        for result, state in zip(results, states):
+            if state == "FAILURE":
+                timed_out = isinstance(result.result, (JobTimeoutError, TimeLimitExceeded))
+                return JobStatus.TIMED_OUT if timed_out else JobStatus.FAILED
         if "REVOKED" in states:
             return JobStatus.CANCELLED
-        running = any(s in _RUNNING_STATES for s in states)
+        running = [i for i, s in enumerate(states) if s in _RUNNING_STATES]
         if not running and JobControl(self.app).is_cancelled(self.job_id):
-            return JobStatus.CANCELLED  # cancelled while queued; a worker will drop it on pickup
-        if running or "SUCCESS" in states:
-            return JobStatus.RUNNING
+            return JobStatus.CANCELLED  # cancelled while queued; a worker drops it on pickup
+        if running:
+            first = running[0]
+            if first == 0:
+                return JobStatus.VALIDATING
+            return JobStatus.PUBLISHING if first == len(states) - 1 else JobStatus.RUNNING
         return JobStatus.QUEUED
 
     def progress(self) -> dict[str, Any] | None:
@@ -136,7 +143,7 @@ class JobHandle:
             status = self.status()
             if status is JobStatus.SUCCEEDED:
                 return self.result() or {}
-            if status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            if status.is_finished:
                 message = self.error() or f"job {self.job_id} was cancelled"
                 raise JobFailedError(f"job {self.job_id} {status.value}: {message}",
                                      job_id=self.job_id, status=status.value)
@@ -160,7 +167,7 @@ def submit(spec: JobSpec | Mapping[str, Any], *, app: Celery | None = None) -> J
     that is queued, running or done returns that job's handle and queues nothing.
     """
     app = app or default_app()
-    job = parse_spec(spec)
+    job = parse_spec(spec, settings_of(app))
     handle, new = _claim(app, job)
     if new:
         build_chain(app, job, len(handle.task_ids) - 2, handle.task_ids).apply_async()
@@ -178,7 +185,8 @@ def _claim(app: Celery, job: JobSpec) -> tuple[JobHandle, bool]:
     if control.claim(job.job_id, record):
         return JobHandle.from_record(app, job.job_id, record), True
     existing = JobHandle.from_record(app, job.job_id, control.record(job.job_id) or record)
-    if existing.status() not in (JobStatus.FAILED, JobStatus.CANCELLED):
+    status = existing.status()
+    if status is JobStatus.SUCCEEDED or not status.is_finished:
         return existing, False
     # A failed or cancelled job may be run again under its id, from a clean slate.
     for result in existing._results():

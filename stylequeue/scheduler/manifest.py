@@ -31,6 +31,7 @@ from celery import Celery
 
 from stylequeue.exceptions import JobSpecError
 from stylequeue.job import JobSpec, JobStatus
+from stylequeue.settings import Settings
 from stylequeue.scheduler.jobs import JobHandle, default_app, parse_spec, submit
 from stylequeue.tasks.app import settings_of
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-def parse_manifest(text: str, name: str = "manifest") -> list[JobSpec]:
+def parse_manifest(text: str, name: str = "manifest", settings: Settings | None = None) -> list[JobSpec]:
     """Every job in a manifest's text, validated (JobSpecError names the job that is wrong)."""
     try:
         data = json.loads(text) if name.endswith(".json") else yaml.safe_load(text)
@@ -58,7 +59,7 @@ def parse_manifest(text: str, name: str = "manifest") -> list[JobSpec]:
         if not isinstance(job, dict):
             raise JobSpecError(f"{name}: job #{index + 1} is not a mapping of fields")
         try:
-            specs.append(parse_spec({**defaults, **job}))
+            specs.append(parse_spec({**defaults, **job}, settings))
         except JobSpecError as exc:
             raise JobSpecError(f"{name}: job #{index + 1} ({job.get('job_id', 'no id')}): {exc}") from None
     ids = [s.job_id for s in specs]
@@ -106,7 +107,7 @@ def submit_manifest(
     if limit < 1:
         raise JobSpecError(f"max_in_flight must be at least 1, got {limit}")
     text, name = _read(path_or_uri, app)
-    pending = parse_manifest(text, name)
+    pending = parse_manifest(text, name, settings_of(app))
     report = ManifestReport()
     in_flight: list[JobHandle] = []
     while pending or in_flight:
@@ -116,7 +117,7 @@ def submit_manifest(
         still: list[JobHandle] = []
         for handle in in_flight:
             status = handle.status()
-            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
+            if status.is_finished:
                 _record(report, handle, status)
                 if on_done is not None:
                     on_done(handle, status)
@@ -152,7 +153,7 @@ def scan_incoming(app: Celery, store: Any) -> dict[str, Any]:
             continue
         data = store.get_bytes(uri)
         try:
-            specs = parse_manifest(data.decode(), name)
+            specs = parse_manifest(data.decode(), name, settings_of(app))
         except (JobSpecError, UnicodeDecodeError) as exc:
             store.put_bytes(f"{root}/failed/{name}", data)
             store.put_bytes(f"{root}/failed/{name}.error.txt", str(exc).encode(), "text/plain")

@@ -83,3 +83,107 @@ def settings(service_env: dict[str, str]) -> Settings:
 
 
 # ---- end of server fixtures -------------------------------------------------------------------
+
+
+# ---- worker fixtures (owner: Celery service) --------------------------------------------------
+# Real `celery -A stylequeue.tasks.app worker` subprocesses, one GPU-queue and one light-queue
+# worker per test MODULE (starting them costs seconds of torch import; jobs are independent by id).
+# A module needs its own bucket and data folder for that, because service_env is per test; it
+# uses Redis databases 2 and 3 (flushed at start) so it never shares a queue with a per-test
+# service_env (databases 0 and 1). On a failing test the workers' logs are printed.
+# The GPU worker uses the prefork pool with one child, as `stylequeue worker` does: prefork
+# enforces time limits and re-queues a job whose process dies; CUDA (absent here) would first be
+# touched in the child.
+
+from dataclasses import dataclass as _dataclass  # noqa: E402
+from typing import Any as _Any  # noqa: E402
+
+from tests.service.workers import CeleryWorker, start_all, stop_all  # noqa: E402
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Remember each phase's report on the item, so fixtures can tell a failed test."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+def module_service_env(redis_server: RedisServer, s3_server: S3Server, bucket: str,
+                       data: Path) -> dict[str, str]:
+    """service_env's variables for a module-wide bucket, on Redis databases 2 and 3."""
+    return {
+        "STYLEQUEUE_DATA_DIR": str(data / "data"),
+        "STYLEQUEUE_BROKER_URL": redis_server.url_for(2),
+        "STYLEQUEUE_RESULT_BACKEND": redis_server.url_for(3),
+        "STYLEQUEUE_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "STYLEQUEUE_S3_REGION": s3_server.region,
+        "STYLEQUEUE_S3_ACCESS_KEY_ID": s3_server.access_key,
+        "STYLEQUEUE_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "STYLEQUEUE_S3_ADDRESSING_STYLE": "path",
+        "STYLEQUEUE_STORAGE_ROOT": f"s3://{bucket}/stylequeue",
+        "STYLEQUEUE_ALLOWED_PREFIXES": f"s3://{bucket}/",
+        "STYLEQUEUE_STORAGE_RETRIES": "3",
+        "STYLEQUEUE_STORAGE_BACKOFF_S": "0.05",
+        "STYLEQUEUE_WEIGHTS": "random:0",
+        "STYLEQUEUE_WEIGHTS_CACHE_DIR": str(data / "weights-cache"),
+        "STYLEQUEUE_DEVICE": "cpu",
+        # Small cadences so tests see progress, previews and checkpoints within a few iterations.
+        "STYLEQUEUE_PROGRESS_EVERY": "1",
+        "STYLEQUEUE_PREVIEW_EVERY": "2",
+        "STYLEQUEUE_CHECKPOINT_EVERY": "2",
+    }
+
+
+@_dataclass
+class ServiceWorkers:
+    """What a service test needs: the env and Settings, an app, the bucket and the workers."""
+
+    env: dict[str, str]
+    settings: Settings
+    app: _Any
+    bucket: str
+    s3: _Any
+    gpu: CeleryWorker
+    light: CeleryWorker
+
+    def logs(self) -> str:
+        return (f"--- gpu worker log ---\n{self.gpu.log_text()[-6000:]}\n"
+                f"--- light worker log ---\n{self.light.log_text()[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def service_workers(
+    redis_server: RedisServer, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceWorkers]:
+    """A GPU-queue worker and a light-queue worker for this module, stopped (warm) at its end."""
+    from stylequeue.tasks.app import make_app
+
+    if not redis_server.running:
+        redis_server.start()
+    for db in (2, 3):
+        redis_server.client(db).flushdb()
+    bucket = s3_server.make_bucket()
+    env = module_service_env(redis_server, s3_server, bucket, tmp_path_factory.mktemp("service"))
+    settings = load_settings(environ=env)
+    gpu = CeleryWorker(env, settings.gpu_queue, name="gpu0")
+    light = CeleryWorker(env, settings.light_queue, name="light", concurrency=2)
+    start_all([gpu, light])
+    try:
+        yield ServiceWorkers(env, settings, make_app(settings), bucket, s3_server.client(), gpu, light)
+    finally:
+        stop_all([gpu, light])
+        s3_server.remove_bucket(bucket)
+
+
+@pytest.fixture
+def service(service_workers: ServiceWorkers, request: pytest.FixtureRequest) -> Iterator[ServiceWorkers]:
+    """``service_workers`` for one test; prints the workers' logs when the test failed."""
+    assert service_workers.gpu.running and service_workers.light.running, service_workers.logs()
+    yield service_workers
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(service_workers.logs())
+
+
+# ---- end of worker fixtures -------------------------------------------------------------------

@@ -119,11 +119,8 @@ class StyleConfig:
         return dataclasses.replace(self, **coerced).validate()
 
     @property
-    def num_scales(self) -> int:
-        return self.scales
-
-    @property
     def total_iterations(self) -> int:
+        """Steps over all scales."""
         return self.iterations * self.scales
 
 

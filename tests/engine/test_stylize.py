@@ -141,3 +141,18 @@ def test_init_image_and_its_errors(model_avg: VGGFeatures, content_image, style_
         stylize(content_image, [style_image], preset("default", **FAST, pooling="max"), model=model_avg)
     with pytest.raises(ConfigError, match="at least one style"):
         stylize(content_image, [], preset("default", **FAST), model=model_avg)
+
+
+def test_targets_are_computed_once_per_scale(
+    model_avg: VGGFeatures, content_image, style_image, second_style_image
+) -> None:
+    """One forward for the content, one per style, per scale; then one per step, with grad."""
+    calls: list[bool] = []
+    hook = model_avg.register_forward_pre_hook(lambda _m, _a: calls.append(torch.is_grad_enabled()))
+    cfg = preset("default", **{**FAST, "iterations": 3}, scales=2, min_size=16)
+    try:
+        stylize(content_image, [style_image, second_style_image], cfg, model=model_avg)
+    finally:
+        hook.remove()
+    per_scale = [False, False, False] + [True] * 3
+    assert calls == per_scale * 2

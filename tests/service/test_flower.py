@@ -1,8 +1,8 @@
 """Flower for real: `stylequeue flower` and `stylequeue worker` processes on the test servers.
 
-One stack per test (a worker launcher and a Flower process on the session's Redis and S3), queues
-named for the test so no other test's worker takes its jobs, and HTTP over loopback as a browser
-or Prometheus would use it.
+One stack for the module (a `stylequeue worker` launcher and a `stylequeue flower` process on the
+session's Redis and S3), queues named for the module so no other test's worker takes its jobs, and
+HTTP over loopback as a browser or Prometheus would use it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stylequeue.settings import load_settings
 from stylequeue.tasks.app import TASK_PUBLISH, TASK_STYLIZE, TASK_VALIDATE, make_app
-from tests.servers import S3Server, free_port, wait_until
+from tests.servers import RedisServer, S3Server, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "ops", "flower-" + uuid.uuid4().hex[:12]
@@ -44,6 +44,7 @@ class Stack:
     app: Celery
     port: int
     bucket: str
+    tmp: Path
 
     def get(self, path: str, auth: tuple[str, str] | None = (USER, PASSWORD)) -> tuple[int, bytes]:
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
@@ -94,13 +95,34 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
             proc.wait(timeout=10)
 
 
-@pytest.fixture
-def stack(service_env: dict[str, str], s3_server: S3Server, s3_bucket: str, tmp_path: Path) -> Iterator[Stack]:
+@pytest.fixture(scope="module")
+def stack(redis_server: RedisServer, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One worker launcher and one Flower for the module: each takes ~20 s to start here.
+
+    The environment is ``service_env``'s (module-scoped here, so built the same way by hand) plus
+    queues named for this module, progress on every iteration and Flower's credentials.
+    """
+    for server in (redis_server, s3_server):  # a fault test may have left one stopped
+        if not server.running:
+            server.start()
+    tmp = tmp_path_factory.mktemp("flower")
     tag = uuid.uuid4().hex[:8]
     port = free_port()
+    bucket = s3_server.make_bucket()
     env = {
         **os.environ,
-        **service_env,
+        "STYLEQUEUE_DATA_DIR": str(tmp / "data"),
+        "STYLEQUEUE_BROKER_URL": redis_server.url_for(0),
+        "STYLEQUEUE_RESULT_BACKEND": redis_server.url_for(1),
+        "STYLEQUEUE_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "STYLEQUEUE_S3_REGION": s3_server.region,
+        "STYLEQUEUE_S3_ACCESS_KEY_ID": s3_server.access_key,
+        "STYLEQUEUE_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "STYLEQUEUE_STORAGE_ROOT": f"s3://{bucket}/stylequeue",
+        "STYLEQUEUE_ALLOWED_PREFIXES": f"s3://{bucket}/",
+        "STYLEQUEUE_WEIGHTS": "random:0",
+        "STYLEQUEUE_WEIGHTS_CACHE_DIR": str(tmp / "weights-cache"),
+        "STYLEQUEUE_DEVICE": "cpu",
         "STYLEQUEUE_GPU_QUEUE": f"gpu-{tag}",
         "STYLEQUEUE_LIGHT_QUEUE": f"light-{tag}",
         "STYLEQUEUE_PROGRESS_EVERY": "1",
@@ -110,21 +132,28 @@ def stack(service_env: dict[str, str], s3_server: S3Server, s3_bucket: str, tmp_
     }
     s3 = s3_server.client()
     for key, seed in (("in/content.png", 1), ("in/style.png", 2)):
-        s3.put_object(Bucket=s3_bucket, Key=key, Body=png(seed))
+        s3.put_object(Bucket=bucket, Key=key, Body=png(seed))
     app = make_app(load_settings(environ=env))
-    worker = start(["worker", "--gpus", "0", "--concurrency-light", "1"], env, tmp_path / "worker.log")
-    flower = start(["flower", "--port", str(port), "--address", "127.0.0.1"], env, tmp_path / "flower.log")
-    stack = Stack(env, app, port, s3_bucket)
+    worker = start(["worker", "--gpus", "0", "--concurrency-light", "1"], env, tmp / "worker.log")
+    flower = start(["flower", "--port", str(port), "--address", "127.0.0.1"], env, tmp / "flower.log")
+    stack = Stack(env, app, port, bucket, tmp)
     try:
-        wait_until(lambda: stack.get("/healthcheck", auth=None)[0] == 200, 60, "flower",
-                   lambda: (tmp_path / "flower.log").read_text(errors="replace"))
+        wait_until(lambda: stack.get("/healthcheck", auth=None)[0] == 200, 90, "flower",
+                   lambda: (tmp / "flower.log").read_text(errors="replace"))
         yield stack
     finally:
         stop(flower, 20)
         stop(worker)
         app.close()
-        for name in ("flower.log", "worker.log"):  # shown by pytest when a test fails
-            print(f"--- {name} ---\n{(tmp_path / name).read_text(errors='replace')[-3000:]}")
+        s3_server.remove_bucket(bucket)
+
+
+@pytest.fixture
+def logs_on_failure(stack: Stack) -> Iterator[None]:
+    """Print the worker's and Flower's logs, which pytest shows when the test fails."""
+    yield
+    for name in ("flower.log", "worker.log"):
+        print(f"--- {name} ---\n{(stack.tmp / name).read_text(errors='replace')[-3000:]}")
 
 
 def submit(stack: Stack, job_id: str, iterations: int) -> Any:
@@ -138,7 +167,7 @@ def submit(stack: Stack, job_id: str, iterations: int) -> Any:
     }, app=stack.app)
 
 
-def test_flower_requires_basic_auth_but_serves_metrics_without_it(stack: Stack) -> None:
+def test_flower_requires_basic_auth_but_serves_metrics_without_it(stack: Stack, logs_on_failure: None) -> None:
     for path in ("/", "/tasks", "/api/workers", "/api/tasks"):
         assert stack.get(path, auth=None)[0] == 401, path
         assert stack.get(path, auth=(USER, "wrong"))[0] == 401, path
@@ -152,7 +181,7 @@ def test_flower_requires_basic_auth_but_serves_metrics_without_it(stack: Stack) 
     assert stack.get("/healthcheck", auth=None)[0] == 200
 
 
-def test_flower_shows_workers_tasks_progress_and_metrics(stack: Stack) -> None:
+def test_flower_shows_workers_tasks_progress_and_metrics(stack: Stack, logs_on_failure: None) -> None:
     gpu_node, light_node = f"cpu0@{HOST}", f"light@{HOST}"
     wait_until(lambda: {gpu_node, light_node} <= set(stack.json("/api/workers?refresh=1")), 60,
                "workers in Flower")
@@ -187,7 +216,7 @@ def test_flower_shows_workers_tasks_progress_and_metrics(stack: Stack) -> None:
     assert samples[("flower_task_runtime_seconds_count", (("task", TASK_STYLIZE), ("worker", gpu_node)))] >= 1
 
 
-def test_flower_shows_a_running_job_as_progress(stack: Stack) -> None:
+def test_flower_shows_a_running_job_as_progress(stack: Stack, logs_on_failure: None) -> None:
     """A long job: Flower's state for its stylize task becomes PROGRESS (from task-progress events)."""
     job = submit(stack, f"flower-long-{uuid.uuid4().hex[:8]}", iterations=5000)
     task_id = f"{job.job_id}.stylize.0"
@@ -207,7 +236,7 @@ def test_flower_shows_a_running_job_as_progress(stack: Stack) -> None:
     assert job.status().value == "cancelled"
 
 
-def test_healthcheck_script_pings_the_workers_of_this_host(stack: Stack) -> None:
+def test_healthcheck_script_pings_the_workers_of_this_host(stack: Stack, logs_on_failure: None) -> None:
     wait_until(lambda: {f"cpu0@{HOST}", f"light@{HOST}"} <= set(stack.json("/api/workers?refresh=1")),
                60, "workers")
     env = {**stack.env, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
@@ -215,7 +244,8 @@ def test_healthcheck_script_pings_the_workers_of_this_host(stack: Stack) -> None
     ok = subprocess.run(["sh", script], env={**env, "HEALTHCHECK_NODES": "cpu0 light"},
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    missing = subprocess.run(["sh", script], env={**env, "HEALTHCHECK_NODES": "cpu0 gpu7"},
+    missing = subprocess.run(["sh", script],
+                             env={**env, "HEALTHCHECK_NODES": "cpu0 gpu7", "HEALTHCHECK_TIMEOUT": "2"},
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and f"gpu7@{HOST}" in missing.stderr
 

@@ -3,7 +3,8 @@
 Every server here is a context manager with ``start()`` / ``stop()`` that can be called again and
 again: a stopped server refuses connections (real ``ECONNREFUSED``, open connections are cut), and a
 restarted one listens on the SAME port, so clients configured once see an outage and a recovery —
-what the fault tests of issue 4 need.
+what the fault tests of issue 4 need. ``S3Server.fail_next(n, status, code)`` makes the next ``n``
+S3 requests fail with an HTTP error (503 SlowDown, 500 InternalError, 403 ...) for real.
 
 * :class:`RedisServer` runs the ``redis-server`` binary (no persistence: a restart empties it).
 * :class:`S3Server` serves S3 over HTTP:
@@ -244,33 +245,65 @@ def _hard_close(sock: socket.socket) -> None:
     sock.close()
 
 
-def enforce_presigned_expiry(app: Callable[..., Any]) -> Callable[..., Any]:
-    """WSGI middleware: refuse expired SigV4 presigned URLs with 403, as S3 and MinIO do.
+def _s3_error(start_response: Callable[..., Any], status: str, code: str, message: str) -> list[bytes]:
+    body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+            f"<Message>{message}</Message></Error>").encode()
+    start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+    return [body]
 
-    moto 5 ignores ``X-Amz-Expires``; without this, a test that an expired link stops working
-    would pass against MinIO and fail against moto for a reason that is moto's, not ours.
-    """
+
+def _presigned_expiry(query: dict[str, list[str]]) -> float | None:
     from datetime import datetime, timezone
-    from urllib.parse import parse_qs
 
-    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        query = parse_qs(environ.get("QUERY_STRING", ""))
-        expires_at = None
-        if "X-Amz-Expires" in query and "X-Amz-Date" in query:  # SigV4
-            signed = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
-            expires_at = signed.timestamp() + int(query["X-Amz-Expires"][0])
-        elif "Expires" in query and "Signature" in query:  # SigV2 query auth
-            expires_at = float(query["Expires"][0])
-        if expires_at is not None:
-            if time.time() > expires_at:
-                body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
-                        b"<Message>Request has expired</Message></Error>")
-                start_response("403 Forbidden", [("Content-Type", "application/xml"),
-                                                 ("Content-Length", str(len(body)))])
-                return [body]
-        return app(environ, start_response)
+    if "X-Amz-Expires" in query and "X-Amz-Date" in query:  # SigV4
+        signed = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        return signed.timestamp() + int(query["X-Amz-Expires"][0])
+    if "Expires" in query and "Signature" in query:  # SigV2 query auth
+        return float(query["Expires"][0])
+    return None
 
-    return wrapped
+
+class S3Faults:
+    """WSGI middleware in front of moto: what real S3 does that moto does not, plus faults.
+
+    * Expired presigned URLs get 403, as on S3 and MinIO (moto 5 ignores ``X-Amz-Expires``; without
+      this a test that an expired link stops working would fail for moto's reason, not ours).
+    * :meth:`fail_next` answers the next ``count`` requests with an HTTP error (503 SlowDown by
+      default), as an overloaded or failing S3 would, so tests see 5xx and throttling for real.
+    """
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.app = app
+        self._lock = threading.Lock()
+        self._remaining = 0
+        self._error = ("503 Service Unavailable", "SlowDown")
+        self.injected = 0
+
+    def fail_next(self, count: int, status: int = 503, code: str = "SlowDown") -> None:
+        from http import HTTPStatus
+
+        with self._lock:
+            self._remaining = count
+            self._error = (f"{status} {HTTPStatus(status).phrase}", code)
+
+    def _take_fault(self) -> tuple[str, str] | None:
+        with self._lock:
+            if self._remaining <= 0:
+                return None
+            self._remaining -= 1
+            self.injected += 1
+            return self._error
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        from urllib.parse import parse_qs
+
+        fault = self._take_fault()
+        if fault is not None:
+            return _s3_error(start_response, fault[0], fault[1], "injected by tests.servers.S3Faults")
+        expires_at = _presigned_expiry(parse_qs(environ.get("QUERY_STRING", "")))
+        if expires_at is not None and time.time() > expires_at:
+            return _s3_error(start_response, "403 Forbidden", "AccessDenied", "Request has expired")
+        return self.app(environ, start_response)
 
 
 class _MotoThread:
@@ -281,8 +314,9 @@ class _MotoThread:
     boto3's pooled connections keep being served). This version does both.
     """
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, faults: "S3Faults") -> None:
         self.port = port
+        self.faults = faults
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
@@ -292,7 +326,8 @@ class _MotoThread:
         from werkzeug.serving import make_server
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-        app = enforce_presigned_expiry(DomainDispatcherApplication(create_backend_app))
+        app = self.faults
+        app.app = DomainDispatcherApplication(create_backend_app)
         try:
             server = make_server(HOST, self.port, app, threaded=True, request_handler=MotoRequestHandler)
         except SystemExit:  # werkzeug exits the process when the port is taken
@@ -340,6 +375,7 @@ class S3Server(_Restartable):
         self.secret_key = env("STYLEQUEUE_TEST_S3_SECRET_KEY", "minioadmin") if self.external else "testing-secret-key"
         self.region = "us-east-1"
         self._moto: _MotoThread | None = None
+        self.faults = S3Faults(lambda environ, start_response: [])  # app set when moto starts
         self._proxy: TcpProxy | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log = Path(tempfile.gettempdir()) / f"stylequeue-moto-{uuid.uuid4().hex[:12]}.log"
@@ -348,6 +384,12 @@ class S3Server(_Restartable):
     def endpoint_url(self) -> str:
         scheme = self.external.split("://", 1)[0] if self.external else "http"
         return f"{scheme}://{HOST}:{self.port}"
+
+    def fail_next(self, count: int, status: int = 503, code: str = "SlowDown") -> None:
+        """The next ``count`` requests get HTTP ``status`` with S3 error ``code`` (moto thread mode)."""
+        if self.mode != "thread":
+            raise RuntimeError(f"HTTP fault injection needs the threaded moto server, not {self.mode!r}")
+        self.faults.fail_next(count, status, code)
 
     @property
     def keeps_data_on_restart(self) -> bool:
@@ -378,6 +420,7 @@ class S3Server(_Restartable):
 
     def remove_bucket(self, name: str) -> None:
         """Delete every object and then the bucket (best effort: the test may have broken it)."""
+        self.faults.fail_next(0)  # a test's unused injected faults end with it
         client = self.client()
         try:
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
@@ -400,7 +443,7 @@ class S3Server(_Restartable):
                 self._proxy = TcpProxy(host, port, port=self.port)
             self._proxy.start()
         elif self.mode == "thread":
-            self._moto = _MotoThread(self.port)
+            self._moto = _MotoThread(self.port, self.faults)
             self._moto.start()
         else:
             with self._log.open("ab") as log:

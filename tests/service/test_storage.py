@@ -225,6 +225,36 @@ def test_recovers_when_server_returns_within_retry_window(
         s3_server.start()
 
 
+@pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (500, "InternalError"), (429, "TooManyRequests")])
+def test_server_errors_and_throttling_are_retried(
+    settings: Settings, s3_server: S3Server, status: int, code: str
+) -> None:
+    if s3_server.mode != "thread":
+        pytest.skip("HTTP fault injection needs the threaded moto server")
+    store = open_storage(settings.replace(storage_retries=3, storage_backoff_s=0.01))
+    uri = f"{settings.resolved_storage_root}/flaky.txt"
+    store.put_bytes(uri, b"eventually")
+    counter = RequestCounter(store)
+    s3_server.fail_next(2, status, code)
+    assert store.get_bytes(uri) == b"eventually"
+    assert counter.count == 3
+    s3_server.fail_next(10, status, code)
+    with pytest.raises(TransientStorageError, match=rf"{code} \(HTTP {status}\).*gave up after 4 attempts"):
+        store.put_bytes(uri, b"x")
+    assert counter.count == 3 + 4
+
+
+def test_access_denied_from_server_is_not_retried(settings: Settings, s3_server: S3Server) -> None:
+    if s3_server.mode != "thread":
+        pytest.skip("HTTP fault injection needs the threaded moto server")
+    store = open_storage(settings.replace(storage_retries=3, storage_backoff_s=0.01))
+    counter = RequestCounter(store)
+    s3_server.fail_next(1, 403, "AccessDenied")
+    with pytest.raises(AccessDeniedError, match="check the S3 credentials and the bucket policy"):
+        store.get_bytes(f"{settings.resolved_storage_root}/x")
+    assert counter.count == 1
+
+
 def test_secrets_never_in_errors_repr_or_logs(
     settings: Settings, s3_server: S3Server, caplog: pytest.LogCaptureFixture
 ) -> None:

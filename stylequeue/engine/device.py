@@ -17,7 +17,10 @@ from stylequeue.exceptions import ConfigError
 
 @dataclass(frozen=True)
 class ExecutionPlan:
-    """How the forward pass runs. Losses, Gram matrices and the optimised image stay float32."""
+    """How the forward pass runs. Losses, Gram matrices and the optimised image stay float32.
+
+    fp16 runs without loss scaling, so tiny gradients can underflow: prefer bf16 (or fp32).
+    """
 
     device: torch.device
     autocast_dtype: torch.dtype | None  # None: no autocast
@@ -44,7 +47,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but CUDA is not available; use 'auto' or 'cpu'")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device {name!r} does not exist; this machine has {count} GPU(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device {name!r} asked for, but MPS is not available; use 'auto' or 'cpu'")
     return device

@@ -6,6 +6,7 @@ each step runs VGG only up to the deepest layer the losses read.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import platform
@@ -22,9 +23,21 @@ from PIL import Image
 from stylequeue.engine import color
 from stylequeue.engine.config import StyleConfig, layer_weights
 from stylequeue.engine.images import resize_longest
-from stylequeue.engine.device import ExecutionPlan, apply_backend_settings, autocast, plan_execution, resolve_device
+from stylequeue.engine.device import (
+    ExecutionPlan,
+    apply_backend_settings,
+    autocast,
+    plan_execution,
+    resolve_device,
+)
 from stylequeue.engine.losses import ContentLoss, LossTerms, StyleLoss, StyleTransferLoss
-from stylequeue.engine.optim import carry_optimizer_state, make_optimizer, optimizer_step, resize_image, to_cpu
+from stylequeue.engine.optim import (
+    carry_optimizer_state,
+    make_optimizer,
+    optimizer_step,
+    resize_image,
+    to_cpu,
+)
 from stylequeue.engine.state import OptimState
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.exceptions import ConfigError
@@ -253,10 +266,11 @@ def _start_scale(job: _Job, scale: _Scale, previous: _Run | None, resume: OptimS
     clamp = cfg.space == "pixel"
     if resume is not None:
         _check_resume(cfg, resume, size)
-        image = resume.image.to(device).requires_grad_(True)
+        # Copies throughout: the caller's OptimState must survive this run unchanged.
+        image = resume.image.to(device, copy=True).requires_grad_(True)
         optimizer = make_optimizer(cfg, image)
-        optimizer.load_state_dict(resume.optimizer_state)
-        ema = resume.ema_image.to(device) if resume.ema_image is not None else None
+        optimizer.load_state_dict(copy.deepcopy(resume.optimizer_state))
+        ema = resume.ema_image.to(device, copy=True) if resume.ema_image is not None else None
         return _Run(image, optimizer, ema, resume.iteration, list(resume.history))
     if previous is None:
         image = _to_space(job, _initial_image(job, scale)).requires_grad_(True)

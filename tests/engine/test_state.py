@@ -53,8 +53,14 @@ def test_stop_save_restore_continues_identically(
     stop_at = 5 if cfg.scales == 1 else 4
     first = stylize(content_image, [style_image], cfg, model=model_avg, should_stop=_stop_after(stop_at))
     assert first.stopped and first.state.iteration == stop_at
-    resumed = stylize(content_image, [style_image], cfg, model=model_avg, resume=_roundtrip(first.state))
+    saved = _roundtrip(first.state)
+    resumed = stylize(content_image, [style_image], cfg, model=model_avg, resume=saved)
     _assert_same_run(straight, resumed)
+    # Resuming leaves the state it was given untouched, so it can be used again.
+    assert torch.equal(saved.image, first.state.image) and not saved.image.requires_grad
+    if cfg.optimizer == "adam":
+        assert torch.equal(saved.optimizer_state["state"][0]["exp_avg"],
+                           first.state.optimizer_state["state"][0]["exp_avg"])
     # The stopped run also recorded its losses where it stopped; otherwise the histories agree.
     def losses(history: list[dict]) -> dict[int, dict]:
         return {h["iteration"]: {k: v for k, v in h.items() if k != "elapsed_s"} for h in history}

@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 
 from stylequeue.settings import Settings, load_settings
-from tests.servers import RedisServer, S3Server
+from tests.servers import RedisServer, S3Server, service_env_for
 
 
 @pytest.fixture(scope="session")
@@ -52,28 +52,11 @@ def service_env(
 
     Merge into ``os.environ`` for subprocesses: ``env = {**os.environ, **service_env}``.
     Weights are explicit random ones (``random:0``): no test downloads or silently falls back.
+    Redis databases 0 (broker) and 1 (results); see :func:`tests.servers.service_env_for`.
     """
     if not redis_server.running:
         redis_server.start()
-    root = f"s3://{s3_bucket}/stylequeue"
-    return {
-        "STYLEQUEUE_DATA_DIR": str(tmp_path / "data"),
-        "STYLEQUEUE_BROKER_URL": redis_server.url_for(0),
-        "STYLEQUEUE_RESULT_BACKEND": redis_server.url_for(1),
-        "STYLEQUEUE_S3_ENDPOINT_URL": s3_server.endpoint_url,
-        "STYLEQUEUE_S3_REGION": s3_server.region,
-        "STYLEQUEUE_S3_ACCESS_KEY_ID": s3_server.access_key,
-        "STYLEQUEUE_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "STYLEQUEUE_S3_ADDRESSING_STYLE": "path",
-        "STYLEQUEUE_STORAGE_ROOT": root,
-        # Inputs live anywhere in the test's own bucket; every other bucket is off limits.
-        "STYLEQUEUE_ALLOWED_PREFIXES": f"s3://{s3_bucket}/",
-        "STYLEQUEUE_STORAGE_RETRIES": "3",
-        "STYLEQUEUE_STORAGE_BACKOFF_S": "0.05",
-        "STYLEQUEUE_WEIGHTS": "random:0",
-        "STYLEQUEUE_WEIGHTS_CACHE_DIR": str(tmp_path / "weights-cache"),
-        "STYLEQUEUE_DEVICE": "cpu",
-    }
+    return service_env_for(redis_server, s3_server, s3_bucket, tmp_path)
 
 
 @pytest.fixture

@@ -1,4 +1,10 @@
-"""The style-transfer engine (Gatys et al.): PyTorch only, no knowledge of queues or storage."""
+"""The style-transfer engine (Gatys et al.): PyTorch only, no knowledge of queues or storage.
+
+    cfg = preset("default", size=256, iterations=200)
+    model = VGGFeatures.from_weights(load_weights("imagenet"), pooling=cfg.pooling)
+    result = stylize(content, [style], cfg, model=model, callback=print)
+    result.image.save("out.png"); json.dump(result.metadata(), ...)
+"""
 
 from stylequeue.engine.config import StyleConfig
 from stylequeue.engine.losses import ContentLoss, StyleLoss, StyleTransferLoss, TVLoss, gram_matrix

@@ -307,11 +307,12 @@ def _initial_image(job: _Job, scale: _Scale) -> torch.Tensor:
     if cfg.init == "noise":
         # Drawn on the CPU from its own generator: the same seed gives the same noise on any device.
         generator = torch.Generator().manual_seed(cfg.seed)
-        noise = torch.rand(scale.content.shape, generator=generator) * 0.5 + 0.25
-        return noise.to(job.plan.device)
-    assert job.init_image is not None
-    h, w = scale.content.shape[-2:]
-    image = _to_tensor(job.init_image.resize((w, h), Image.Resampling.LANCZOS), job.plan.device)
+        image = (torch.rand(scale.content.shape, generator=generator) * 0.5 + 0.25).to(job.plan.device)
+    else:
+        assert job.init_image is not None
+        h, w = scale.content.shape[-2:]
+        image = _to_tensor(job.init_image.resize((w, h), Image.Resampling.LANCZOS), job.plan.device)
+    # Luminance-only transfer optimises a grey image, whatever it starts from.
     return color.as_gray_rgb(color.luminance(image)) if cfg.original_colors else image
 
 

@@ -47,8 +47,11 @@ class FileBackend:
         return Path(loc.path).is_file()
 
     def list(self, loc: Location) -> list[str]:
-        # S3 semantics: a prefix is a string prefix, not a directory ("jobs/a" matches "jobs/ab/x").
+        # S3 semantics: a prefix is a string prefix ("jobs/a" matches "jobs/ab/x"), except that a
+        # prefix naming a directory lists that directory only (no walk of its parent's siblings).
         prefix = loc.path
+        if os.path.isdir(prefix) and not prefix.endswith("/"):
+            prefix += "/"
         base = Path(prefix if prefix.endswith("/") else os.path.dirname(prefix))
         if not base.is_dir():
             return []

@@ -55,6 +55,7 @@ def test_round_trip_list_exists_delete(store: Storage, root: str) -> None:
     assert store.get_bytes(a) == b"\x89PNG data"
     assert store.exists(a) and not store.exists(f"{root}/jobs/j1/nothing")
     assert store.list(f"{root}/jobs/j1/") == [b, a]
+    assert store.list(f"{root}/jobs/j") == [b, a, other]  # a string prefix, as in S3
     store.put_bytes(a, b"replaced")  # overwrite in place
     assert store.get_bytes(a) == b"replaced"
     store.delete(b)

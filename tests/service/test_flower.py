@@ -267,3 +267,14 @@ def test_flower_refuses_to_start_without_valid_auth(
     assert result.returncode == 2
     for text in expected:
         assert text in result.stderr
+
+
+def test_format_task_truncates_long_fields_for_the_tasks_page() -> None:
+    from types import SimpleNamespace
+
+    from stylequeue.monitoring.flower import MAX_FIELD_CHARS, format_task
+
+    task = SimpleNamespace(args="x" * 5000, kwargs="{'step': 0}", result=None)
+    shown = format_task(task)
+    assert len(shown.args) == MAX_FIELD_CHARS and shown.args.endswith("...")
+    assert (shown.kwargs, shown.result) == ("{'step': 0}", None)

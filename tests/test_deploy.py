@@ -341,6 +341,20 @@ def test_dockerfile_copies_files_that_exist_and_are_not_ignored(path: Path) -> N
                 assert included, f"{path.name}: COPY {rel} is excluded by its .dockerignore"
 
 
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_image_gets_every_file_pip_install_needs(path: Path) -> None:
+    """``pip install .`` reads the readme that pyproject.toml names: it must exist and be copied."""
+    import tomllib
+
+    readme = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("readme")
+    if readme is None:
+        return
+    sources = [src for word, args in dockerfile_instructions(path) if word == "COPY"
+               for src in args.split()[:-1]]
+    assert any(fnmatch(readme, src) for src in sources), f"{path.name} does not COPY {readme}"
+    assert (ROOT / readme).is_file(), f"pyproject.toml names {readme}, which does not exist"
+
+
 def test_worker_image_has_a_healthcheck_that_pings_its_gpu_worker() -> None:
     args = dict(dockerfile_instructions(DEPLOY / "Dockerfile.worker"))
     assert "stylequeue-healthcheck" in args["HEALTHCHECK"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any, Sequence
 
 from stylequeue.exceptions import ConfigError
@@ -102,7 +101,6 @@ def _apply_flower_options(auth: list[str]) -> None:
     # for no auth explicitly, so make the API usable and say so loudly.
     os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"
     log.warning("Flower is running WITHOUT authentication (flower_insecure_no_auth is set)")
-    print("WARNING: Flower is running without authentication", file=sys.stderr, flush=True)
 
 
 def run_flower(settings: Settings, extra_args: Sequence[str] = ()) -> int:

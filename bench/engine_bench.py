@@ -34,6 +34,7 @@ from bench.harness import (
     run_interleaved,
 )
 from bench.report import plot_curves, write_engine_report
+from bench.seed_loop import SeedLoop
 from stylequeue.engine import VGGFeatures, preset
 from stylequeue.engine.weights import load_weights
 
@@ -54,13 +55,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-steps", type=int, default=500, help="seed loop steps that set the target")
     p.add_argument("--target-size", type=int, default=128)
     p.add_argument("--eval-every", type=int, default=10, help="iterations between objective evaluations")
-    p.add_argument("--max-seconds", type=float, default=0.0,
-                   help="cap on each preset's active seconds in (b); 0: 2x the seed loop's")
+    p.add_argument("--max-seconds", type=float, default=600.0,
+                   help="cap on each preset's active seconds in (b) (also capped at the seed loop's time)")
+    p.add_argument("--fresh-target", action="store_true", help="recompute the cached seed-loop target")
     args = p.parse_args(argv)
     if args.quick:
         args.speed_chunks, args.chunk = 2, 2
         args.target_steps, args.eval_every = 6, 2
-    args.size_list = [int(s) for s in args.sizes.split(",") if s.strip()]
+        args.target_size = min(args.target_size, 64)
+    sizes = {int(s) for s in args.sizes.split(",") if s.strip()}
+    args.size_list = sorted(sizes | {args.target_size})  # (b) needs the seed loop's speed there
     return args
 
 
@@ -95,45 +99,64 @@ def _speed_entry(r: Record) -> dict[str, Any]:
     return {"s_per_it": median_or_none(chunks), "chunks_s_per_it": chunks, "error": r.error}
 
 
-def measure_time_to_target(args: argparse.Namespace, inputs: tuple, weights: Any,
-                           device: torch.device, models: dict[str, VGGFeatures]) -> dict[str, Any]:
-    """(b) and (c): curves of the seed objective against active seconds; time to the seed loop's."""
+def seed_target(args: argparse.Namespace, inputs: tuple, weights: Any, device: torch.device,
+                objective: Objective) -> dict[str, Any]:
+    """The seed objective along the seed loop's first ``target_steps`` steps (cached in --out).
+
+    Computed with ``SeedLoop(shortcut=True)``: the same trajectory without the seed's waste (see
+    bench/seed_loop.py), so a slow CPU can afford 500 steps; its time is NOT the seed loop's.
+    """
+    key = {"size": args.target_size, "steps": args.target_steps, "every": args.eval_every,
+           "weights": args.weights, "device": device.type, "torch": torch.__version__}
+    path = args.out / f"seed_target_{args.target_size}px_{args.target_steps}steps_{_slug(args.weights)}.json"
+    if path.exists() and not args.fresh_target:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached
+    loop = SeedLoop(inputs[0], inputs[1], weights.state_dict, max_size=args.target_size,
+                    device=device, shortcut=True)
+    curve: list[tuple[int, float]] = [(0, objective(loop.image()))]
+    loop.run(args.target_steps, lambda step, lp: curve.append((step, objective(lp.image()))) and False,
+             every=args.eval_every)
+    result = {"key": key, "target": curve[-1][1], "curve": curve}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in text)
+
+
+def measure_time_to_target(args: argparse.Namespace, inputs: tuple, weights: Any, device: torch.device,
+                           models: dict[str, VGGFeatures], seed_s_per_it: float | None) -> dict[str, Any]:
+    """(b) and (c): the presets race (interleaved) to the seed loop's ``target_steps``-step loss.
+
+    The seed loop's own time to it is ``target_steps`` x its seconds per iteration measured in (a)
+    at the same size, in the same run. Each preset is capped at that time (slower than the seed
+    loop counts as "not reached") and at --max-seconds.
+    """
     size = args.target_size
     objective = Objective.build(*inputs, size, weights.state_dict, device)
-    contenders = _contenders(PRESET_NAMES, size, *inputs, weights, device, models)
-    state: dict[str, Any] = {"target": None, "seed_seconds": None}
-
-    def stop_when(record: Record) -> bool:
-        """The seed loop stops at its step count; a preset once it beat the (known) target."""
-        if record.name == SEED_LOOP:
-            if record.points[-1][0] >= args.target_steps:
-                state["target"], state["seed_seconds"] = record.points[-1][2], record.points[-1][1]
-                return True
-            return False
-        if state["target"] is not None and record.time_to(state["target"]) is not None:
-            return True
-        cap = args.max_seconds or (2.0 * state["seed_seconds"] if state["seed_seconds"] else None)
-        return cap is not None and record.points[-1][1] >= cap
-
+    reference = seed_target(args, inputs, weights, device, objective)
+    target = reference["target"]
+    seed_seconds = args.target_steps * seed_s_per_it if seed_s_per_it else None
+    cap = min(args.max_seconds, seed_seconds) if seed_seconds else args.max_seconds
+    contenders = _contenders(PRESET_NAMES, size, *inputs, weights, device, models)[1:]
     records = run_interleaved(
-        contenders, every=args.eval_every, max_iterations=100_000, max_seconds=_hard_cap(args),
-        device=device, objective=objective, stop_when=stop_when,
+        contenders, every=args.eval_every, max_iterations=100_000, max_seconds=cap,
+        device=device, objective=objective, stop_when=lambda r: r.time_to(target) is not None,
     )
-    return _target_summary(records, state["target"], args)
-
-
-def _hard_cap(args: argparse.Namespace) -> float:
-    """A last-resort limit so a broken contender cannot run forever (the cap in stop_when rules)."""
-    return args.max_seconds if args.max_seconds else 3600.0
+    seed_record = Record(SEED_LOOP, [(step, step * (seed_s_per_it or 0.0), value)
+                                     for step, value in reference["curve"]])
+    summary = _target_summary([seed_record] + records, target, args)
+    summary.update(seed_loop_seconds=seed_seconds, seed_s_per_it=seed_s_per_it, cap_seconds=cap)
+    return summary
 
 
 def _target_summary(records: list[Record], target: float | None, args: argparse.Namespace) -> dict[str, Any]:
-    by_name = {r.name: r for r in records}
-    seed = by_name[SEED_LOOP]
     summary: dict[str, Any] = {
         "size": args.target_size, "target_steps": args.target_steps, "target": target,
-        "seed_loop_seconds": seed.points[-1][1] if seed.points else None,
-        "max_seconds": args.max_seconds or "2x seed loop",
         "contenders": {},
     }
     for r in records:
@@ -180,11 +203,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = machine_info(device)
     started = time.time()
     speed = measure_speed(args, inputs, weights, device, models)
-    target = measure_time_to_target(args, inputs, weights, device, models)
+    seed_s_per_it = speed[str(args.target_size)][SEED_LOOP]["s_per_it"]
+    target = measure_time_to_target(args, inputs, weights, device, models, seed_s_per_it)
     report: dict[str, Any] = {
         "machine": {**info, "load_average_at_end": load_average()},
         "weights": {"source": args.weights, "random": bool(weights.info.random)},
-        "settings": {k: v for k, v in vars(args).items() if k != "out" and not callable(v)},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "speed": speed,
         "time_to_target": target,
         "ratios": ratios(speed, target),

@@ -103,11 +103,14 @@ def write_engine_report(report: dict[str, Any]) -> str:
               "is faster per iteration. A `gatys` iteration is one L-BFGS step (one loss evaluation).", ""]
     lines += _speed_lines(report["speed"], report["ratios"]) + [""]
     lines += [f"## (b) Time to the seed loop's {target['target_steps']}-step loss at {target['size']} px", "",
-              f"Target: seed objective = {_fmt(target['target'])}, reached by the seed loop in "
-              f"{_fmt(target['seed_loop_seconds'])} s. Every contender's image (rounded to 8 bits) is scored",
-              "with the same function, `bench.seed_loop.seed_objective` (the seed's content + 100 * style on",
-              "its five layers), every few iterations; scoring time is excluded. Cap per preset: "
-              f"{_fmt(target['max_seconds'])} active seconds.", ""]
+              f"Target: seed objective = {_fmt(target['target'])} after {target['target_steps']} steps of the seed's",
+              "loop (computed by `SeedLoop(shortcut=True)`, the same trajectory without the seed's waste).",
+              f"The seed loop's time to it = {target['target_steps']} steps x its {_fmt(target['seed_s_per_it'])} s/it",
+              f"measured in (a) = {_fmt(target['seed_loop_seconds'])} s. Every contender's image (rounded to 8",
+              "bits) is scored with the same function, `bench.seed_loop.seed_objective` (the seed's content +",
+              "100 * style on its five layers), every few iterations; scoring time is excluded. Each preset",
+              f"stops when it reaches the target or after {_fmt(target['cap_seconds'])} active seconds (the seed loop's",
+              "time, or --max-seconds if smaller): **not reached** means slower than the seed loop, or never.", ""]
     lines += _target_lines(target, report["ratios"]) + [""]
     if report.get("plot"):
         lines += ["## (c) Objective against time", "", f"![curves]({report['plot']})", ""]

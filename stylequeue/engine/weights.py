@@ -113,6 +113,7 @@ def register_fetcher(scheme: str, fn: Fetcher) -> None:
 
 # --- the public entry point ---------------------------------------------------------------
 
+# (source, sha256, local file stamp) -> weights; at most _CACHE_SIZE, least recently used first.
 _cache: dict[tuple[Any, ...], LoadedWeights] = {}
 _cache_lock = threading.Lock()
 
@@ -131,12 +132,12 @@ def load_weights(
     sha256 = sha256.strip().lower() if sha256 else None
     key = (source, sha256, _file_stamp(source))
     with _cache_lock:
-        loaded = _cache.get(key)
+        loaded = _cache.pop(key, None)  # re-inserted below: the dict's order is recency (LRU)
         if loaded is None:
             loaded = _load_uncached(source, sha256, cache_dir)
             if len(_cache) >= _CACHE_SIZE:
-                _cache.pop(next(iter(_cache)))
-            _cache[key] = loaded
+                _cache.pop(next(iter(_cache)))  # the least recently used
+        _cache[key] = loaded
     if loaded.info.random:
         log.warning(
             "USING RANDOM VGG19 WEIGHTS (%s): the output is NOT a real style transfer. "

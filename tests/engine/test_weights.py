@@ -341,3 +341,13 @@ def test_export_of_random_weights_stays_flagged(
     assert any("RANDOM" in r.message for r in caplog.records)
     assert _same(loaded.state_dict, load_weights("random:9").state_dict)
     assert describe_file(path)["random"] is True
+
+
+def test_in_process_cache_is_lru(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(weights_mod, "_CACHE_SIZE", 2)
+    first = load_weights("random:1")
+    load_weights("random:2")
+    assert load_weights("random:1") is first  # used again: now the most recent
+    load_weights("random:3")  # evicts random:2, not random:1
+    assert load_weights("random:1") is first
+    assert len(weights_mod._cache) == 2

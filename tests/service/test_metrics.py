@@ -110,6 +110,19 @@ def test_kombu_default_layout_misses_sub_queues_with_other_steps(
     assert default[settings.gpu_queue] < len(GPU_PRIORITIES)
 
 
+def test_queue_lengths_follow_a_global_key_prefix(
+    app: Celery, settings: Settings, own_redis: RedisServer
+) -> None:
+    """A deployment sharing Redis may set kombu's ``global_keyprefix``; the exporter follows it."""
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, "global_keyprefix": "sq:"}
+    send_jobs(app)
+    keys = queue_keys(app.conf.broker_transport_options)
+    client = own_redis.client()
+    assert client.llen(f"sq:{settings.gpu_queue}") == 2  # kombu really wrote prefixed keys
+    lengths = queue_lengths(client, [settings.gpu_queue], keys.priority_steps, keys.sep, keys.prefix)
+    assert lengths[settings.gpu_queue] == len(GPU_PRIORITIES)
+
+
 def test_unacked_counts_reserved_messages(
     app: Celery, settings: Settings, keys: QueueKeys, own_redis: RedisServer
 ) -> None:

@@ -94,49 +94,56 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
     return params
 
 
-def upload_input(store: Any, root: str, source: str) -> str:
-    """A local file's URI in storage (content-addressed, so re-uploads are free); URIs pass through."""
+def input_uri(root: str, source: str) -> tuple[str, bytes | None]:
+    """(URI, bytes to upload): a local file goes to ``<root>/inputs/<sha256>.<ext>`` (content
+    addressed, so uploading it again is free); a URI passes through with nothing to upload."""
     if "://" in source:
-        return source
+        return source, None
     path = Path(source)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"input file {source} does not exist") from None
-    digest = hashlib.sha256(data).hexdigest()
-    uri = f"{root}/inputs/{digest}{path.suffix.lower()}"
-    if not store.exists(uri):
-        store.put_bytes(uri, data)
-    return uri
+    return f"{root}/inputs/{hashlib.sha256(data).hexdigest()}{path.suffix.lower()}", data
 
 
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def _emit(args: argparse.Namespace, obj: Any, line: str) -> None:
+    """``obj`` as JSON with --json, else the one line a shell script wants."""
+    if args.json:
+        _print_json(obj)
+    else:
+        print(line)
+
+
 def submit_command(args: argparse.Namespace) -> int:
     from stylequeue.scheduler import submit
+    from stylequeue.scheduler.jobs import parse_spec
     from stylequeue.settings import load_settings
     from stylequeue.storage import open_storage
     from stylequeue.tasks.app import make_app
 
     settings = load_settings()
-    params = parse_params(args.param)
-    store = open_storage(settings)
-    root = settings.resolved_storage_root
-    spec: dict[str, Any] = {
-        "content": upload_input(store, root, args.content),
-        "styles": [upload_input(store, root, s) for s in args.styles],
-    }
+    inputs = [input_uri(settings.resolved_storage_root, s) for s in [args.content, *args.styles]]
+    spec: dict[str, Any] = {"content": inputs[0][0], "styles": [uri for uri, _ in inputs[1:]]}
     for key, value in (("job_id", args.job_id), ("preset", args.preset), ("priority", args.priority)):
         if value is not None:
             spec[key] = value
+    params = parse_params(args.param)
     if params:
         spec["params"] = params
+    parse_spec(spec, settings)  # a bad spec is refused before anything is uploaded or queued
+    store = open_storage(settings)
+    for uri, data in inputs:
+        if data is not None and not store.exists(uri):
+            store.put_bytes(uri, data)
     job = submit(spec, app=make_app(settings))
     if not args.wait:
         info = {"job_id": job.job_id, "status": job.status().value, "result_uri": job.result_uri}
-        _print_json(info) if args.json else print(job.job_id)
+        _emit(args, info, job.job_id)
         return 0
     return _wait(job, args)
 
@@ -159,12 +166,14 @@ def _wait(job: Any, args: argparse.Namespace) -> int:
         except JobFailedError as exc:
             if show:
                 print(file=sys.stderr)
-            _print_json({"job_id": job.job_id, "status": exc.status, "error": str(exc)}) if args.json \
-                else print(f"stylequeue: {exc}", file=sys.stderr)
+            if args.json:
+                _print_json({"job_id": job.job_id, "status": exc.status, "error": str(exc)})
+            else:
+                print(f"stylequeue: {exc}", file=sys.stderr)
             return EXIT_JOB_FAILED
     if show:
         print(file=sys.stderr)
-    _print_json(result) if args.json else print(result.get("result_uri"))
+    _emit(args, result, str(result.get("result_uri")))
     return 0
 
 

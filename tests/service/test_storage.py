@@ -167,12 +167,15 @@ def test_presign_round_trip_and_expiry(settings: Settings) -> None:
     store = open_storage(settings)
     uri = f"{settings.resolved_storage_root}/share/result.png"
     store.put_bytes(uri, b"shared bytes", content_type="image/png")
-    with urllib.request.urlopen(store.presign(uri, expires_s=60), timeout=10) as resp:
+    # A plain HTTP client that ignores proxy variables (urlopen's global opener caches whatever
+    # proxies the environment had when it was first used, possibly in another test).
+    http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with http.open(store.presign(uri, expires_s=60), timeout=10) as resp:
         assert resp.read() == b"shared bytes"
     short = store.presign(uri, expires_s=1)
     time.sleep(2.1)
     with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(short, timeout=10)
+        http.open(short, timeout=10)
     assert info.value.code == 403
 
 

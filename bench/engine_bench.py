@@ -48,7 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--sizes", default="128,256", help="longest sides for seconds per iteration")
     p.add_argument("--weights", default="random:0", help="VGG19 weights source (default random:0)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared machine more threads than free "
+                        "cores make OpenMP spin, 4x slower here; 0: torch's default)")
     p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
     p.add_argument("--speed-chunks", type=int, default=6, help="timed chunks per contender and size")
     p.add_argument("--chunk", type=int, default=5, help="iterations per chunk (speed)")
@@ -81,11 +83,12 @@ def _contenders(names: tuple[str, ...], size: int, content: Any, style: Any, wei
 
 
 def measure_speed(args: argparse.Namespace, inputs: tuple, weights: Any, device: torch.device,
-                  models: dict[str, VGGFeatures]) -> dict[str, dict[str, Any]]:
-    """(a): {size: {contender: {s_per_it, chunks, error}}}."""
+                  models: dict[str, VGGFeatures], names: tuple[str, ...] = PRESET_NAMES
+                  ) -> dict[str, dict[str, Any]]:
+    """(a): {size: {contender: {s_per_it, chunks_s_per_it, error}}}, seed loop and ``names``."""
     result: dict[str, dict[str, Any]] = {}
     for size in args.size_list:
-        contenders = _contenders(PRESET_NAMES, size, *inputs, weights, device, models)
+        contenders = _contenders(names, size, *inputs, weights, device, models)
         records = run_interleaved(
             contenders, every=args.chunk, max_iterations=args.chunk * (args.speed_chunks + 1),
             max_seconds=float("inf"), device=device,

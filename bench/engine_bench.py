@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh-target", action="store_true", help="recompute the cached seed-loop target")
     args = p.parse_args(argv)
     if args.quick:
-        args.speed_chunks, args.chunk = 2, 2
+        args.speed_chunks, args.chunk = 1, 2
         args.target_steps, args.eval_every = 6, 2
         args.target_size = min(args.target_size, 64)
     sizes = {int(s) for s in args.sizes.split(",") if s.strip()}

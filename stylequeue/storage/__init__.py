@@ -13,7 +13,7 @@ Errors: :class:`ObjectNotFoundError` (missing object or bucket), :class:`AccessD
 (unknown scheme), :class:`TransientStorageError` (after ``storage_retries`` retries with backoff).
 """
 
-from stylequeue.storage.fetchers import fetch_to_path, install_weights_fetchers, weights_storage
+from stylequeue.storage.fetchers import install_weights_fetchers, weights_storage
 from stylequeue.storage.store import Storage, backoff_delay, open_storage
 from stylequeue.storage.uri import Location, parse_uri
 
@@ -21,7 +21,6 @@ __all__ = [
     "Location",
     "Storage",
     "backoff_delay",
-    "fetch_to_path",
     "install_weights_fetchers",
     "open_storage",
     "parse_uri",

@@ -21,11 +21,6 @@ def weights_storage(settings: Settings) -> Storage:
     return open_storage(settings, extra_prefixes=extra)
 
 
-def fetch_to_path(uri: str, dest: str | Path, settings: Settings) -> None:
-    """Download ``uri`` to ``dest`` through :func:`weights_storage` (a fetcher's signature, plus settings)."""
-    weights_storage(settings).get_to_file(uri, dest)
-
-
 def install_weights_fetchers(settings: Settings) -> Storage:
     """Register the ``s3`` weights fetcher for this process; returns the Storage it uses.
 

@@ -30,7 +30,7 @@ from stylequeue.engine.device import (
     plan_execution,
     resolve_device,
 )
-from stylequeue.engine.losses import ContentLoss, LossTerms, StyleLoss, StyleTransferLoss
+from stylequeue.engine.losses import ContentLoss, LossTerms, StyleLoss, StyleTransferLoss, gram_matrix
 from stylequeue.engine.optim import (
     carry_optimizer_state,
     make_optimizer,
@@ -39,13 +39,12 @@ from stylequeue.engine.optim import (
     to_cpu,
 )
 from stylequeue.engine.state import OptimState
+from stylequeue.engine.targets import TargetCache, Targets, image_digest, style_side, style_target_key
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.exceptions import ConfigError
 
 # Settings that may differ between a checkpoint and the run resuming it: they do not change the result.
 _RESUME_FREE = ("device", "precision", "progress_every", "checkpoint_every")
-# Smallest side a style image is scaled to, so pool4/pool5 still see a few pixels.
-_MIN_STYLE_SIDE = 16
 
 
 @dataclass
@@ -122,6 +121,8 @@ class _Job:
     init_image: Image.Image | None
     sizes: list[int]
     started: float
+    target_cache: TargetCache | None = None
+    style_digests: list[str] | None = None  # image_digest of each style, when caching
 
 
 @dataclass
@@ -158,9 +159,14 @@ def stylize(
     should_stop: Callable[[], bool] | None = None,
     resume: OptimState | None = None,
     on_checkpoint: Callable[[OptimState], None] | None = None,
+    target_cache: TargetCache | None = None,
 ) -> StyleResult:
-    """Stylise ``content`` with ``styles`` (PIL RGB images) under ``config``; see docs/architecture.md."""
-    job = _set_up(content, styles, config, model, init_image)
+    """Stylise ``content`` with ``styles`` (PIL RGB images) under ``config``; see docs/architecture.md.
+
+    ``target_cache`` keeps style targets (Gram matrices) for later jobs with the same style and
+    settings (see targets.py); the result is the same with or without it.
+    """
+    job = _set_up(content, styles, config, model, init_image, target_cache)
     run: _Run | None = None
     scale: _Scale | None = None
     stopped = False
@@ -181,6 +187,7 @@ def _set_up(
     config: StyleConfig,
     model: VGGFeatures,
     init_image: Image.Image | None,
+    target_cache: TargetCache | None = None,
 ) -> _Job:
     config.validate()
     if not styles:
@@ -215,6 +222,8 @@ def _set_up(
         init_image=init_image.convert("RGB") if init_image is not None else None,
         sizes=scale_sizes(config.size, config.min_size, config.scales),
         started=time.perf_counter(),
+        target_cache=target_cache,
+        style_digests=[image_digest(s) for s in styles] if target_cache is not None else None,
     )
 
 
@@ -230,23 +239,20 @@ def _prepare_scale(job: _Job, index: int) -> _Scale:
     """Resize the inputs for this scale and compute its fixed targets once, under no_grad."""
     cfg, model, device = job.config, job.model, job.plan.device
     content_color = _to_tensor(resize_longest(job.content, job.sizes[index]), device)
-    # The style keeps its own aspect ratio; only its longest side follows the output's.
-    style_side = max(_MIN_STYLE_SIDE, round(cfg.style_scale * job.sizes[index]))
-    styles = [_to_tensor(resize_longest(s, style_side), device) for s in job.styles]
     content = content_color
+    content_luma = None
     if cfg.original_colors:
         content_luma = color.luminance(content_color)
         content = color.as_gray_rgb(content_luma)
-        styles = [color.as_gray_rgb(color.match_luminance(color.luminance(s), content_luma)) for s in styles]
     with torch.no_grad(), autocast(job.plan):
         content_feats = model(_memory_format(content, job.plan), cfg.content_layers)
-        style_feats = [model(_memory_format(s, job.plan), cfg.style_layers) for s in styles]
+    grams = [_style_targets(job, i, job.sizes[index], content_luma) for i in range(len(job.styles))]
     content_terms = {
         name: (ContentLoss(content_feats[name].float()), w)
         for name, w in layer_weights(cfg.content_layers, cfg.content_layer_weights).items()
     }
     style_terms = {
-        name: (StyleLoss.from_styles([f[name] for f in style_feats], job.blend, cfg.gram_norm), w)
+        name: (StyleLoss.from_grams([g[name] for g in grams], job.blend, cfg.gram_norm), w)
         for name, w in layer_weights(cfg.style_layers, cfg.style_layer_weights).items()
     }
     objective = StyleTransferLoss(
@@ -257,6 +263,34 @@ def _prepare_scale(job: _Job, index: int) -> _Scale:
         tv_weight=cfg.tv_weight,
     )
     return _Scale(index=index, objective=objective, content=content, content_color=content_color)
+
+
+def _style_targets(job: _Job, style: int, size: int, content_luma: torch.Tensor | None) -> Targets:
+    """{layer: (1, C, C) Gram matrix} of style image ``style`` at output size ``size``; cached when
+    the job has a target cache (the luminance statistics cost one sync, once per scale)."""
+    cfg, plan = job.config, job.plan
+    key = None
+    if job.target_cache is not None and job.style_digests is not None:
+        stats = None
+        if content_luma is not None:
+            stats = (float(content_luma.mean().item()), float(content_luma.std().item()))
+        key = style_target_key(job.style_digests[style], cfg, job.model.info, size,
+                               precision=plan.precision, device_type=plan.device.type, luminance_stats=stats)
+        cached = job.target_cache.get(key) if key is not None else None
+        if cached is not None:
+            return {name: cached[name].to(plan.device) for name in cfg.style_layers}
+    # The style keeps its own aspect ratio; only its longest side follows the output's.
+    pixels = _to_tensor(resize_longest(job.styles[style], style_side(cfg, size)), plan.device)
+    if content_luma is not None:
+        pixels = color.as_gray_rgb(color.match_luminance(color.luminance(pixels), content_luma))
+    with torch.no_grad():
+        with autocast(plan):
+            features = job.model(_memory_format(pixels, plan), cfg.style_layers)
+        # Outside autocast: Gram matrices are float32 (gram_matrix casts before its matmul).
+        grams = {name: gram_matrix(features[name], cfg.gram_norm) for name in cfg.style_layers}
+    if key is not None and job.target_cache is not None:
+        job.target_cache.put(key, grams)
+    return grams
 
 
 def _start_scale(job: _Job, scale: _Scale, previous: _Run | None, resume: OptimState | None) -> _Run:
@@ -332,16 +366,28 @@ def _run_scale(
         if should_stop is not None and should_stop():
             return True
         run.last = optimizer_step(run.optimizer, run.image, evaluate, clamp=cfg.space == "pixel")
-        run.iteration += 1
-        run.steps_this_session += 1
-        if run.ema is not None:
-            # Iterate averaging: the average of recent iterates is smoother than the last one.
-            run.ema.mul_(cfg.ema_decay).add_(run.image.detach(), alpha=1 - cfg.ema_decay)
-        if run.iteration % cfg.progress_every == 0 or run.iteration == cfg.total_iterations:
-            _report(job, scale, run, callback)
-        if on_checkpoint is not None and cfg.checkpoint_every and run.iteration % cfg.checkpoint_every == 0:
-            on_checkpoint(_state(job, scale, run))
+        _after_step(job, scale, run, callback, on_checkpoint)
     return False
+
+
+def _after_step(
+    job: _Job,
+    scale: _Scale,
+    run: _Run,
+    callback: Callable[[Progress], None] | None,
+    on_checkpoint: Callable[[OptimState], None] | None,
+) -> None:
+    """Count the step, average the iterate, report and checkpoint on their cadence (no sync else)."""
+    cfg = job.config
+    run.iteration += 1
+    run.steps_this_session += 1
+    if run.ema is not None:
+        # Iterate averaging: the average of recent iterates is smoother than the last one.
+        run.ema.mul_(cfg.ema_decay).add_(run.image.detach(), alpha=1 - cfg.ema_decay)
+    if run.iteration % cfg.progress_every == 0 or run.iteration == cfg.total_iterations:
+        _report(job, scale, run, callback)
+    if on_checkpoint is not None and cfg.checkpoint_every and run.iteration % cfg.checkpoint_every == 0:
+        on_checkpoint(_state(job, scale, run))
 
 
 def _evaluator(job: _Job, scale: _Scale) -> Callable[[torch.Tensor], LossTerms]:

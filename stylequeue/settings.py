@@ -77,6 +77,16 @@ class Settings:
     max_pixels: int = 4096 * 4096
     device: str = "auto"
 
+    # Throughput (docs/throughput.md). batch_max > 1 runs that many compatible jobs as one batch
+    # on the GPU (the worker then uses a threads pool: see `stylequeue worker --batch`); jobs
+    # arriving within batch_window_s of the first one join its batch.
+    batch_max: int = 1
+    batch_window_s: float = 0.1
+    # Style targets (Gram matrices) kept per worker in memory (MB; 0 = none) and, for the fleet,
+    # under <storage_root>/cache/style-targets/.
+    target_cache_mb: int = 256
+    target_cache_storage: bool = True
+
     # Work cadence inside a job.
     progress_every: int = 10
     preview_every: int = 100

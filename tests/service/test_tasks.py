@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 import uuid
 
@@ -16,9 +17,10 @@ import pytest
 from celery.result import AsyncResult
 from PIL import Image
 
-from stylequeue.exceptions import JobFailedError
+from stylequeue.exceptions import ConfigError, JobFailedError
 from stylequeue.job import JobStatus
 from stylequeue.scheduler import submit
+from stylequeue.tasks.control import JobControl
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.timeout(240)
@@ -73,6 +75,82 @@ def _wait_for(check, timeout: float, what: str, interval: float = 0.1):
     raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
+# --- configuration and helpers, without workers -------------------------------------------------
+
+def test_app_config_is_made_for_long_gpu_jobs(redis_server) -> None:
+    from stylequeue.settings import Settings
+    from stylequeue.tasks.app import TASK_STYLIZE, TASK_VALIDATE, make_app
+
+    settings = Settings(broker_url=redis_server.url_for(4), result_backend=redis_server.url_for(5),
+                        visibility_timeout=9000, job_time_limit=4000, job_soft_time_limit=3900)
+    conf = make_app(settings).conf
+    assert conf.accept_content == ["json"] and conf.result_accept_content == ["json"]
+    assert conf.task_serializer == conf.result_serializer == conf.event_serializer == "json"
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options["visibility_timeout"] == 9000
+    assert conf.result_backend_transport_options["visibility_timeout"] == 9000
+    assert conf.broker_transport_options["queue_order_strategy"] == "priority"
+    assert (conf.task_time_limit, conf.task_soft_time_limit) == (4000, 3900)
+    assert conf.task_routes[TASK_STYLIZE]["queue"] == "gpu" and conf.task_routes[TASK_VALIDATE]["queue"] == "light"
+    assert conf.worker_send_task_events and conf.task_send_sent_event and conf.task_track_started
+    with pytest.raises(ConfigError, match="visibility_timeout"):
+        make_app(settings.replace(visibility_timeout=4000))
+    with pytest.raises(ConfigError, match="soft_time_limit"):
+        make_app(settings.replace(job_soft_time_limit=4000))
+
+
+def test_control_flags_on_redis_and_on_files(redis_server, tmp_path) -> None:
+    from stylequeue.settings import Settings
+    from stylequeue.tasks.app import make_app
+
+    apps = [make_app(Settings(data_dir=str(tmp_path), broker_url=redis_server.url_for(4),
+                              result_backend=redis_server.url_for(5))),
+            make_app(Settings(data_dir=str(tmp_path)))]  # zero-server: file result backend
+    for app in apps:
+        control = JobControl(app)
+        job_id = f"c-{uuid.uuid4().hex[:8]}"
+        assert control.claim(job_id, {"task_ids": ["a"]}) and not control.claim(job_id, {"task_ids": ["b"]})
+        assert control.record(job_id) == {"task_ids": ["a"]}
+        assert [control.count_delivery("a", 0) for _ in range(3)] == [1, 2, 3]
+        assert control.count_delivery("a", 1) == 1  # a retry is a new message, counted apart
+        assert not control.is_cancelled(job_id)
+        control.request_cancel(job_id)
+        assert control.is_cancelled(job_id)
+        control.release(job_id, ["a"], max_retries=1)
+        assert control.record(job_id) is None and not control.is_cancelled(job_id)
+        assert control.count_delivery("a", 0) == 1
+
+
+def test_chain_steps_start_fresh_resume_or_carry_up() -> None:
+    import torch
+
+    from stylequeue.engine import OptimState, preset
+    from stylequeue.settings import Settings
+    from stylequeue.tasks import runtime
+
+    settings = Settings(checkpoint_every=5)
+    job = preset("default", size=48, min_size=24, scales=2, iterations=4)
+    assert runtime.step_sizes(job) == [24, 48]
+    step0, step1 = (runtime.step_config(job, k, settings, 5) for k in (0, 1))
+    assert (step0.size, step0.scales, step1.size) == (24, 1, 48)
+    content = make_image(48, 32, seed=1)
+    assert runtime.starting_state(None, step0, 0, content) == (None, "fresh")
+    image = torch.rand(1, 3, 16, 24, requires_grad=True)
+    optimizer = torch.optim.Adam([image], lr=step0.lr)
+    image.grad = torch.rand_like(image)
+    optimizer.step()
+    saved = OptimState(image.detach(), optimizer.state_dict(), 2, 0, step0.to_dict())
+    assert runtime.starting_state(saved, step0, 0, content) == (saved, "resumed")
+    carried, how = runtime.starting_state(saved, step1, 1, content)
+    assert how == "carried" and tuple(carried.image.shape) == (1, 3, 32, 48) and carried.iteration == 0
+    moments = next(iter(carried.optimizer_state["state"].values()))["exp_avg"]
+    assert tuple(moments.shape) == (1, 3, 32, 48)  # Adam's state came along, resized
+    with pytest.raises(RuntimeError, match="no checkpoint from step 0"):
+        runtime.starting_state(None, step1, 1, content)
+
+
+# --- end to end, on the workers ------------------------------------------------------------------
+
 def test_job_result_and_metadata_land_in_s3(service, inputs) -> None:
     job = submit(_spec(inputs), app=service.app)
     summary = job.wait(timeout=120)
@@ -96,7 +174,36 @@ def test_job_result_and_metadata_land_in_s3(service, inputs) -> None:
     assert not any(k.endswith("checkpoint.pt") for k in keys)
 
 
+class _EventListener:
+    """Collects ``kind`` task events (what Flower reads) in a thread until ``stop()``."""
+
+    def __init__(self, app, kind: str) -> None:
+        self.seen: list[dict] = []
+        self.receiver = None
+        self.app, self.kind = app, kind
+        self.thread = threading.Thread(target=self._listen, daemon=True)
+        self.thread.start()
+        _wait_for(lambda: self.receiver is not None, 10, "the event receiver")
+        time.sleep(0.5)  # its queue is bound before the job starts sending
+
+    def _listen(self) -> None:
+        self.stopped = False
+        with self.app.connection() as connection:
+            self.receiver = self.app.events.Receiver(connection, handlers={self.kind: self.seen.append})
+            while not self.stopped:
+                try:
+                    self.receiver.capture(limit=None, timeout=0.5)
+                except TimeoutError:  # a quiet half second: look at the stop flag, listen again
+                    continue
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.receiver.should_stop = True
+        self.thread.join(timeout=10)
+
+
 def test_progress_is_reported_while_the_job_runs(service, inputs) -> None:
+    events = _EventListener(service.app, "task-progress")
     job = submit(_spec(inputs, size=64, iterations=100_000), app=service.app)
     try:
         progress = _wait_for(job.progress, 90, "a PROGRESS state")
@@ -109,8 +216,13 @@ def test_progress_is_reported_while_the_job_runs(service, inputs) -> None:
                           30, "progress moving on")
         assert later["iteration"] > progress["iteration"]
         assert job.status() is JobStatus.RUNNING
+        _wait_for(lambda: len(events.seen) >= 3, 30, "three task-progress events")
+        event = events.seen[-1]
+        assert event["uuid"] == job.task_ids[1] and event["job_id"] == job.job_id
+        assert event["total"] == 100_000 and event["iteration"] >= 1 and event["hostname"] == service.gpu.hostname
     finally:
         job.cancel()
+        events.stop()
 
 
 def test_cancel_stops_a_running_job_within_seconds(service, inputs) -> None:

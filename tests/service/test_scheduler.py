@@ -101,9 +101,27 @@ def test_invalid_spec_is_refused_before_anything_is_queued(service, images) -> N
     with pytest.raises(ConfigError):
         submit({"job_id": "bad-2", "content": images["content"], "styles": images["styles"][:1],
                 "params": {"style_weight": float("nan")}}, app=service.app)
+    with pytest.raises(JobSpecError, match="content"):  # another bucket: outside the allow-list
+        submit({"job_id": "bad-3", "content": "s3://someone-elses-bucket/c.png",
+                "styles": images["styles"][:1]}, app=service.app)
     assert {q: broker.llen(q) for q in ("gpu", "light")} == before
     with pytest.raises(JobSpecError, match="no job with id"):
         get_job("bad-1", app=service.app)
+
+
+def test_chain_carries_the_job_priority_and_derived_task_ids(service, images) -> None:
+    from stylequeue.job import JobSpec
+    from stylequeue.scheduler.jobs import build_chain, task_ids
+
+    spec = JobSpec.parse({"job_id": "prio", "content": images["content"], "styles": images["styles"][:1],
+                          "priority": 1, "params": {"scales": 3, "size": 64, "min_size": 16}})
+    ids = task_ids("prio", 3)
+    assert ids == ["prio.validate", "prio.stylize.0", "prio.stylize.1", "prio.stylize.2", "prio.publish"]
+    tasks = build_chain(service.app, spec, 3, ids).tasks
+    assert [t.task for t in tasks] == ["stylequeue.validate", *["stylequeue.stylize"] * 3, "stylequeue.publish"]
+    assert all(t.options["priority"] == 1 and t.immutable for t in tasks)
+    assert [t.kwargs.get("step") for t in tasks] == [None, 0, 1, 2, None]
+    assert [t.options["task_id"] for t in tasks] == ids
 
 
 def test_batch_one_content_many_styles_with_a_contact_sheet(service, images) -> None:

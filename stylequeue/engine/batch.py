@@ -122,7 +122,10 @@ def stylize_batch(
         if m.result is None:
             assert m.scale is not None and m.run is not None
             m.result = _finish(m.job, m.scale, m.run, False, m.item.callback)
-    return [m.result for m in members if m.result is not None]
+    results = [m.result for m in members if m.result is not None]
+    for result in results:
+        result.batch_size = len(members)
+    return results
 
 
 def stylize_many(

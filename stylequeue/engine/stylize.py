@@ -80,6 +80,7 @@ class StyleResult:
     stopped: bool
     state: OptimState | None
     weights_info: Any = None
+    batch_size: int = 1  # how many jobs shared the forward pass (batch.stylize_batch)
 
     def metadata(self) -> dict[str, Any]:
         """JSON-able record: config, loss history, timings, device, weights and library versions."""
@@ -93,6 +94,7 @@ class StyleResult:
             "device": self.device,
             "precision": self.precision,
             "stopped": self.stopped,
+            "batch_size": self.batch_size,
             "iterations_done": self.state.iteration if self.state else None,
             "width": self.image.width,
             "height": self.image.height,

@@ -45,21 +45,25 @@ class Mailbox:
     def finish(self, value: Any = None, error: BaseException | None = None) -> None:
         self._queue.put((_DONE, (value, error)))
 
-    def serve(self) -> Any:
+    def serve(self, tick: Callable[[], None] | None = None, every_s: float = 0.5) -> Any:
         """Run posted calls until the outcome arrives; return it or raise the job's error.
 
-        An error in a posted call (say, an upload that failed) wins over the job's result: the
-        job is reported failed, as it would have been had it run alone.
+        ``tick`` runs in this thread at least every ``every_s`` while waiting (the task polls
+        its cancel flag there, so the GPU thread never waits on Redis). An error in a posted
+        call (say, an upload that failed) wins over the job's result: the job is reported
+        failed, as it would have been had it run alone.
         """
+        next_tick = time.monotonic()
         while True:
-            kind, payload = self._queue.get()
+            if tick is not None and time.monotonic() >= next_tick:
+                self._run(tick)
+                next_tick = time.monotonic() + every_s
+            try:
+                kind, payload = self._queue.get(timeout=every_s if tick is not None else None)
+            except queue.Empty:
+                continue
             if kind == _CALL:
-                try:
-                    payload()
-                except Exception as exc:  # kept for the job; the GPU thread must not see it
-                    if self.error is None:
-                        self.error = exc
-                    self.failed.set()
+                self._run(payload)
                 continue
             value, error = payload
             if self.error is not None:
@@ -67,6 +71,14 @@ class Mailbox:
             if error is not None:
                 raise error
             return value
+
+    def _run(self, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except Exception as exc:  # kept for the job; the GPU thread must not see it
+            if self.error is None:
+                self.error = exc
+            self.failed.set()
 
 
 @dataclass
@@ -104,15 +116,17 @@ class Batcher(Generic[J, R]):
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, job: J, key: Hashable, mailbox: Mailbox | None = None) -> R:
-        """Queue ``job``; block, serving its mailbox, until its batch ran; return or raise."""
+    def submit(
+        self, job: J, key: Hashable, mailbox: Mailbox | None = None, tick: Callable[[], None] | None = None
+    ) -> R:
+        """Queue ``job``; block, serving its mailbox (and ``tick``), until its batch ran; return or raise."""
         box = mailbox if mailbox is not None else Mailbox()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed; the worker is shutting down")
             self._waiting.append(_Waiting(job, key, box))
             self._cond.notify_all()
-        return box.serve()
+        return box.serve(tick)
 
     def close(self, timeout: float | None = None) -> None:
         """Run what is waiting, then stop the GPU thread."""

@@ -58,6 +58,7 @@ def test_batch_of_three_matches_solo_runs(model_avg: VGGFeatures, jobs) -> None:
         assert _max_diff(alone.state.image, together.state.image) < TOLERANCE
         assert _max_diff(alone.state.ema_image, together.state.ema_image) < TOLERANCE
         assert together.state.iteration == 6 and not together.stopped
+        assert together.metadata()["batch_size"] == 3 and alone.metadata()["batch_size"] == 1
         assert iterations == [2, 4, 6]  # each item's own progress cadence
         assert [h["loss"] for h in together.history] == pytest.approx([h["loss"] for h in alone.history], rel=1e-5)
     # The items really differ: a batch is not one job three times.

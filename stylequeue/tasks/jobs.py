@@ -55,6 +55,9 @@ class JobTask(Task):
     """Base for every stylequeue task: bounded deliveries, retries, time limits, cancellation."""
 
     autoretry_for = (TransientStorageError,)
+    # A StyleQueueError is the job's fault (bad input, limits, cancelled): logged in one line,
+    # without a traceback; anything else is a bug and keeps its traceback in the log.
+    throws = (StyleQueueError,)
     retry_backoff = True
     retry_backoff_max = 120
     retry_jitter = True
@@ -261,5 +264,4 @@ def expire_previews(self: JobTask) -> dict[str, Any]:
     return {"deleted": deleted}
 
 
-__all__ = ["validate", "stylize", "publish", "contact_sheet", "scan_manifests", "expire_previews",
-           "StyleQueueError"]
+__all__ = ["validate", "stylize", "publish", "contact_sheet", "scan_manifests", "expire_previews"]

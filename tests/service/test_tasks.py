@@ -242,6 +242,24 @@ def test_cancel_stops_a_running_job_within_seconds(service, inputs) -> None:
     assert submit(_spec(inputs), app=service.app).wait(timeout=120)["status"] == "succeeded"
 
 
+def test_a_cancelled_job_submitted_again_resumes_from_its_checkpoint(service, inputs) -> None:
+    spec = _spec(inputs, size=64, iterations=100_000)
+    job = submit(spec, app=service.app)
+    _wait_for(lambda: (p := job.progress()) and p["iteration"] >= 6, 90, "six iterations")
+    job.cancel()
+    _wait_for(lambda: job.status() is JobStatus.CANCELLED, 10, "CANCELLED")
+    again = submit(spec, app=service.app)  # same id: allowed, because it was cancelled
+    assert again.status() is not JobStatus.CANCELLED
+    first = _wait_for(again.progress, 90, "the resubmitted job to run")
+    try:
+        # Checkpoints every 2 iterations: it went on from one, not from iteration 0.
+        assert first["iteration"] > 2
+        assert f"job {job.job_id} step 1/1 at 64 px: resumed" in service.gpu.log_text()
+    finally:
+        again.cancel()
+        _wait_for(lambda: again.status() is JobStatus.CANCELLED, 10, "CANCELLED again")
+
+
 def test_same_job_id_twice_does_the_work_once(service, inputs) -> None:
     job_id = f"twice-{uuid.uuid4().hex[:8]}"
     first = submit(_spec(inputs, job_id=job_id), app=service.app)

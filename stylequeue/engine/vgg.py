@@ -45,6 +45,23 @@ def check_layers(layers: Sequence[str], what: str = "layer") -> None:
         )
 
 
+def min_side_for(layer: str) -> int:
+    """Smallest image side that still leaves one pixel at ``layer``: each pool halves (floor)."""
+    pools = sum(1 for name in LAYER_NAMES[: LAYER_INDEX[layer] + 1] if name.startswith("pool"))
+    return 2**pools
+
+
+def check_input_size(size: tuple[int, int], deepest: str) -> None:
+    """ConfigError, not a raw pooling error, when an image is too small for the deepest layer."""
+    need = min_side_for(deepest)
+    if min(size) < need:
+        raise ConfigError(
+            f"an image of {size[1]}x{size[0]} px is too small for VGG19 layer {deepest}: both "
+            f"sides must be at least {need} px there; use a larger --size/--min-size or "
+            "--style-scale, shallower layers, or an input with a less extreme aspect ratio"
+        )
+
+
 class _HasWeights(Protocol):
     state_dict: Mapping[str, torch.Tensor]
     info: Any
@@ -127,6 +144,7 @@ class VGGFeatures(nn.Module):
         check_layers(layers)
         wanted = set(layers)
         last = max(LAYER_INDEX[name] for name in wanted)
+        check_input_size(tuple(x.shape[-2:]), LAYER_NAMES[last])
         out: dict[str, torch.Tensor] = {}
         h = x if normalized else self.normalize(x)
         for index in range(last + 1):

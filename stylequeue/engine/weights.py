@@ -236,7 +236,10 @@ def _download(url: str, dest: Path, *, timeout_s: float) -> None:
     digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp, os.fdopen(fd, "wb") as out:
+        # A private opener: urlopen() caches a process-wide one, proxies included, which would
+        # outlive this call and leak into every later HTTP request of the process.
+        opener = urllib.request.build_opener()
+        with opener.open(url, timeout=timeout_s) as resp, os.fdopen(fd, "wb") as out:
             while chunk := resp.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)

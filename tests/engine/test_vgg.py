@@ -103,3 +103,11 @@ def test_wrong_weights_raise_weights_error(vgg_state_dict: dict) -> None:
         VGGFeatures(bad)
     with pytest.raises(ConfigError, match="pooling"):
         VGGFeatures(vgg_state_dict, pooling="median")
+
+
+def test_too_small_input_is_a_config_error_naming_the_layer(model_max: VGGFeatures) -> None:
+    # relu5_1 sits after four pools: a side below 16 px would reach it as 0 px.
+    with pytest.raises(ConfigError, match=r"24x15 px is too small for VGG19 layer relu5_1.*16 px"):
+        model_max(torch.rand(1, 3, 15, 24), ["relu5_1"])
+    # The same size is fine for a shallower cut.
+    assert model_max(torch.rand(1, 3, 15, 24), ["relu3_1"])["relu3_1"].shape[-2:] == (3, 6)

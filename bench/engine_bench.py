@@ -109,7 +109,7 @@ def seed_target(args: argparse.Namespace, inputs: tuple, weights: Any, device: t
     Computed with ``SeedLoop(shortcut=True)``: the same trajectory without the seed's waste (see
     bench/seed_loop.py), so a slow CPU can afford 500 steps; its time is NOT the seed loop's.
     """
-    key = {"size": args.target_size, "steps": args.target_steps, "every": args.eval_every,
+    key = {"size": args.target_size, "steps": args.target_steps,
            "weights": args.weights, "device": device.type, "torch": torch.__version__}
     path = args.out / f"seed_target_{args.target_size}px_{args.target_steps}steps_{_slug(args.weights)}.json"
     if path.exists() and not args.fresh_target:
@@ -121,7 +121,7 @@ def seed_target(args: argparse.Namespace, inputs: tuple, weights: Any, device: t
     curve: list[tuple[int, float]] = [(0, objective(loop.image()))]
     loop.run(args.target_steps, lambda step, lp: curve.append((step, objective(lp.image()))) and False,
              every=args.eval_every)
-    result = {"key": key, "target": curve[-1][1], "curve": curve}
+    result = {"key": key, "every": args.eval_every, "target": curve[-1][1], "curve": curve}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result

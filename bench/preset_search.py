@@ -54,9 +54,18 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
                                                          style_layers=CONV_1)),
     "Adam px lr 0.03, EMA 0.9": ("default", dict(PIXEL_ADAM, lr=0.03, ema_decay=0.9)),
     "L-BFGS px": ("default", dict(SEED_OBJECTIVE, space="pixel", optimizer="lbfgs", lr=1.0)),
+    "L-BFGS px, avg pool": ("default", dict(SEED_OBJECTIVE, space="pixel", optimizer="lbfgs", lr=1.0,
+                                            pooling="avg")),
+    "Adam px lr 0.05": ("default", dict(PIXEL_ADAM, lr=0.05)),
+    "Adam px lr 0.05, avg pool": ("default", dict(PIXEL_ADAM, lr=0.05, pooling="avg")),
+    "Adam px lr 0.1, avg pool": ("default", dict(PIXEL_ADAM, lr=0.1, pooling="avg")),
     "default preset (as committed)": ("default", {}),
 }
 QUICK_CANDIDATES = ("seed preset (as committed)", "Adam px lr 0.03", "L-BFGS px")
+# The first race: one question per row. The budget race (--budget) takes --candidates.
+RACE_CANDIDATES = ("seed preset (as committed)", "Adam px lr 0.01", "Adam px lr 0.03", "Adam px lr 0.1",
+                   "Adam px lr 0.03, avg pool", "Adam px lr 0.03, conv*_1 layers", "Adam px lr 0.03, EMA 0.9",
+                   "L-BFGS px", "default preset (as committed)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-steps", type=int, default=500)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--fresh-target", action="store_true")
+    p.add_argument("--budget", action="store_true",
+                   help="do not stop at the target: every candidate runs --max-seconds; compare the "
+                        "objective reached at 1/4, 1/2 and all of the budget")
+    p.add_argument("--candidates", default="", help="';'-separated names from CANDIDATES")
     p.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
     args = p.parse_args(argv)
     if args.quick:
@@ -103,8 +116,14 @@ class _SavingContender(EngineContender):
         super().run(keep, every, max_iterations)
 
 
+def _objective_at(r: Record, seconds: float) -> float | None:
+    """The objective at the last progress point within ``seconds`` of active time."""
+    values = [v for _, t, v in r.points if t <= seconds and v is not None]
+    return values[-1] if values else None
+
+
 def summarise(records: list[Record], contenders: list[Contender], target: float,
-              seed_seconds: float | None) -> list[dict[str, Any]]:
+              seed_seconds: float | None, budget: float) -> list[dict[str, Any]]:
     rows = []
     for r, c in zip(records, contenders):
         hit = r.time_to(target)
@@ -116,6 +135,7 @@ def summarise(records: list[Record], contenders: list[Contender], target: float,
             "best_objective": min((p[2] for p in r.points if p[2] is not None), default=None),
             "ran_seconds": r.points[-1][1] if r.points else None,
             "ran_iterations": r.points[-1][0] if r.points else None,
+            "objective_at": {f"{q:g}": _objective_at(r, q * budget) for q in (0.25, 0.5, 1.0)},
             "curve": r.points, "error": r.error,
         })
     return rows
@@ -130,28 +150,42 @@ def _seed_loop_speed(args: argparse.Namespace, inputs: tuple, weights: Any, devi
     return speed[str(args.size)][engine_bench.SEED_LOOP]["s_per_it"]
 
 
+def _f(v: Any, d: int = 4) -> str:
+    return "-" if v is None else (f"{v:.{d}g}" if isinstance(v, float) else str(v))
+
+
 def write_markdown(report: dict[str, Any]) -> str:
     t = report
+    budget = t.get("budget")
+    how = (f"each for {t['max_seconds']} active s (no early stop), objective read at 1/4, 1/2 and all of it"
+           if budget else f"each to the seed objective the seed loop reaches after {t['target_steps']} steps, "
+                          f"capped at {t['max_seconds']} active s")
     lines = [
-        f"# Search for the `default` preset ({t['size']} px, {t['machine']['device']})", "",
-        "Made by `python -m bench.preset_search`. All candidates raced interleaved on the same images",
-        f"and weights ({t['weights']}{', RANDOM: only speed and the loss mean anything, not the look' if t['random'] else ''}),",
-        f"each to the seed objective the seed loop reaches after {t['target_steps']} steps "
-        f"({t['target']:.4g}), capped at {t['max_seconds']} active s.",
-        f"Seed loop: {t['seed_s_per_it'] and round(t['seed_s_per_it'], 4)} s/it here, so "
-        f"{t['seed_seconds'] and round(t['seed_seconds'], 1)} s to the target.",
+        f"# {'Budget race' if budget else 'Search'} for the `default` preset ({t['size']} px, {t['machine']['device']})",
+        "",
+        f"Made by `python -m bench.preset_search{' --budget' if budget else ''}`. All candidates raced interleaved",
+        f"on the same images and weights ({t['weights']}"
+        f"{', RANDOM: only speed and the loss mean anything, not the look' if t['random'] else ''}), {how}.",
+        f"Target: {t['target']:.4g} (the seed loop after {t['target_steps']} steps). Seed loop:",
+        f"{_f(t['seed_s_per_it'])} s/it here, so {_f(t['seed_seconds'])} s to the target.",
         f"Machine: {t['machine']['cpu']}, torch {t['machine']['torch']}, {t['machine']['torch_threads']} thread(s); "
         f"load average {t['machine']['load_average_at_start']} at start, {t['load_average_at_end']} at end.", "",
-        "| candidate | reached? | s to target | iterations | vs seed loop | best objective | ran (s, it) |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(t["rows"], key=lambda r: (not r["reached"], r["seconds"] or 1e9, r["best_objective"] or 1e9)):
-        f = lambda v, d=4: "-" if v is None else (f"{v:.{d}g}" if isinstance(v, float) else str(v))
+    q = [f"{x:g}" for x in (0.25, 0.5, 1.0)]
+    lines += ["| candidate | reached? | s to target | iterations | vs seed loop | best objective | ran (s, it) | "
+              + " | ".join(f"objective at {float(x) * t['max_seconds']:.0f} s" for x in q) + " |",
+              "|---|---|---|---|---|---|---|" + "---|" * len(q)]
+    key = (lambda r: (r["best_objective"] or 1e9)) if budget else (
+        lambda r: (not r["reached"], r["seconds"] or 1e9, r["best_objective"] or 1e9))
+    for r in sorted(t["rows"], key=key):
         err = f" ERROR {r['error']}" if r["error"] else ""
-        lines.append(f"| {r['name']} | {'yes' if r['reached'] else '**no**'}{err} | {f(r['seconds'])} | "
-                     f"{f(r['iterations'])} | {f(r['speedup_vs_seed_loop'], 3)}{'x' if r['speedup_vs_seed_loop'] else ''} | "
-                     f"{f(r['best_objective'])} | {f(r['ran_seconds'])}, {f(r['ran_iterations'])} |")
-    lines += ["", "Images: `default_search/*.png` (each candidate's last image).", ""]
+        speedup = r["speedup_vs_seed_loop"]
+        lines.append(f"| {r['name']} | {'yes' if r['reached'] else '**no**'}{err} | {_f(r['seconds'])} | "
+                     f"{_f(r['iterations'])} | {_f(speedup, 3)}{'x' if speedup else ''} | "
+                     f"{_f(r['best_objective'])} | {_f(r['ran_seconds'])}, {_f(r['ran_iterations'])} | "
+                     + " | ".join(_f(r["objective_at"][x]) for x in q) + " |")
+    folder = "default_budget" if budget else "default_search"
+    lines += ["", f"Images: `{folder}/*.png` (each candidate's last image).", ""]
     return "\n".join(lines)
 
 
@@ -166,29 +200,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     objective = Objective.build(*inputs, args.size, weights.state_dict, device)
     target = engine_bench.seed_target(args, inputs, weights, device, objective)["target"]
     seed_s_per_it = _seed_loop_speed(args, inputs, weights, device, models)
-    names = QUICK_CANDIDATES if args.quick else tuple(CANDIDATES)
+    names = tuple(n.strip() for n in args.candidates.split(";") if n.strip()) or (
+        QUICK_CANDIDATES if args.quick else RACE_CANDIDATES)
     contenders = [build(n, args, inputs, weights, device, models) for n in names]
     started = time.time()
     records = run_interleaved(contenders, every=args.eval_every, max_iterations=100_000,
                               max_seconds=args.max_seconds, device=device, objective=objective,
-                              stop_when=lambda r: r.time_to(target) is not None)
+                              stop_when=None if args.budget else lambda r: r.time_to(target) is not None)
     seed_seconds = args.target_steps * seed_s_per_it if seed_s_per_it else None
     report = {
         "size": args.size, "machine": info, "load_average_at_end": load_average(),
         "weights": args.weights, "random": bool(weights.info.random), "target": target,
         "target_steps": args.target_steps, "max_seconds": args.max_seconds,
         "seed_s_per_it": seed_s_per_it, "seed_seconds": seed_seconds,
-        "rows": summarise(records, contenders, target, seed_seconds),
+        "rows": summarise(records, contenders, target, seed_seconds, args.max_seconds),
+        "budget": args.budget,
         "wall_seconds": round(time.time() - started, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    images = args.out / "default_search"
+    images = args.out / ("default_budget" if args.budget else "default_search")
     images.mkdir(exist_ok=True)
     for c in contenders:
         if c.last_image is not None:
             c.last_image.save(images / ("".join(ch if ch.isalnum() else "_" for ch in c.name) + ".png"))
-    (args.out / "default_preset_search.json").write_text(json.dumps(report, indent=1, default=str))
-    (args.out / "default_preset_search.md").write_text(write_markdown(report))
+    stem = "default_preset_budget" if args.budget else "default_preset_search"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    (args.out / f"{stem}.md").write_text(write_markdown(report))
     print(write_markdown(report))
     return report
 

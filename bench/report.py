@@ -27,7 +27,8 @@ def plot_curves(target: dict[str, Any], path: Path) -> Path | None:
     for name, c in target["contenders"].items():
         pts = [(t, v) for _, t, v in c["curve"] if v is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, marker=".", markersize=3)
+            label = f"{name} (time = steps x its s/it)" if name == "seed loop" else name
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, marker=".", markersize=3)
     if target.get("target") is not None:
         ax.axhline(target["target"], color="grey", linestyle="--",
                    label=f"seed loop after {target['target_steps']} steps")

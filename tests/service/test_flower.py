@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stylequeue.settings import load_settings
 from stylequeue.tasks.app import TASK_PUBLISH, TASK_STYLIZE, TASK_VALIDATE, make_app
+from tests.service.conftest import module_service_env
 from tests.servers import RedisServer, S3Server, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +46,7 @@ class Stack:
     port: int
     bucket: str
     tmp: Path
+    last_error: str = ""
 
     def get(self, path: str, auth: tuple[str, str] | None = (USER, PASSWORD)) -> tuple[int, bytes]:
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
@@ -56,6 +58,9 @@ class Stack:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
+        except OSError as exc:  # kept for the "not ready" message
+            self.last_error = repr(exc)
+            raise
 
     def json(self, path: str) -> Any:
         status, body = self.get(path)
@@ -99,8 +104,8 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
 def stack(redis_server: RedisServer, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One worker launcher and one Flower for the module: each takes ~20 s to start here.
 
-    The environment is ``service_env``'s (module-scoped here, so built the same way by hand) plus
-    queues named for this module, progress on every iteration and Flower's credentials.
+    The environment is ``module_service_env``'s plus queues named for this module, progress on
+    every iteration and Flower's credentials.
     """
     for server in (redis_server, s3_server):  # a fault test may have left one stopped
         if not server.running:
@@ -111,18 +116,10 @@ def stack(redis_server: RedisServer, s3_server: S3Server, tmp_path_factory: pyte
     bucket = s3_server.make_bucket()
     env = {
         **os.environ,
-        "STYLEQUEUE_DATA_DIR": str(tmp / "data"),
-        "STYLEQUEUE_BROKER_URL": redis_server.url_for(0),
-        "STYLEQUEUE_RESULT_BACKEND": redis_server.url_for(1),
-        "STYLEQUEUE_S3_ENDPOINT_URL": s3_server.endpoint_url,
-        "STYLEQUEUE_S3_REGION": s3_server.region,
-        "STYLEQUEUE_S3_ACCESS_KEY_ID": s3_server.access_key,
-        "STYLEQUEUE_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "STYLEQUEUE_STORAGE_ROOT": f"s3://{bucket}/stylequeue",
-        "STYLEQUEUE_ALLOWED_PREFIXES": f"s3://{bucket}/",
-        "STYLEQUEUE_WEIGHTS": "random:0",
-        "STYLEQUEUE_WEIGHTS_CACHE_DIR": str(tmp / "weights-cache"),
-        "STYLEQUEUE_DEVICE": "cpu",
+        **module_service_env(redis_server, s3_server, bucket, tmp),
+        # Databases of its own: other modules' fixtures flush theirs.
+        "STYLEQUEUE_BROKER_URL": redis_server.url_for(4),
+        "STYLEQUEUE_RESULT_BACKEND": redis_server.url_for(5),
         "STYLEQUEUE_GPU_QUEUE": f"gpu-{tag}",
         "STYLEQUEUE_LIGHT_QUEUE": f"light-{tag}",
         "STYLEQUEUE_PROGRESS_EVERY": "1",
@@ -138,8 +135,8 @@ def stack(redis_server: RedisServer, s3_server: S3Server, tmp_path_factory: pyte
     flower = start(["flower", "--port", str(port), "--address", "127.0.0.1"], env, tmp / "flower.log")
     stack = Stack(env, app, port, bucket, tmp)
     try:
-        wait_until(lambda: stack.get("/healthcheck", auth=None)[0] == 200, 90, "flower",
-                   lambda: (tmp / "flower.log").read_text(errors="replace"))
+        wait_until(lambda: stack.get("/healthcheck", auth=None)[0] == 200, 120, "flower",
+                   lambda: f"last error: {stack.last_error}\n" + (tmp / "flower.log").read_text(errors="replace"))
         yield stack
     finally:
         stop(flower, 20)

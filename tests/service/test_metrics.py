@@ -152,16 +152,26 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 @pytest.fixture
-def exporter(env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def exporter(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stylequeue", "metrics", "--port", str(port), "--address", "127.0.0.1"],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    log = tmp_path / "metrics.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stylequeue", "metrics", "--port", str(port), "--address", "127.0.0.1"],
+            env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT,
+        )
+    errors: list[str] = []
+
+    def ready() -> bool:
+        try:
+            return bool(scrape(port))
+        except OSError as exc:
+            errors.append(repr(exc))
+            raise
+
     try:
-        wait_until(lambda: bool(scrape(port)), 30, "stylequeue metrics")
+        wait_until(ready, 60, "stylequeue metrics",
+                   lambda: f"last error: {errors[-1:]}\n" + log.read_text(errors="replace"))
         yield proc, port
     finally:
         if proc.poll() is None:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from stylequeue.engine.config import StyleConfig
-from stylequeue.engine.device import autocast
+from stylequeue.engine.device import autocast, forward_of
 from stylequeue.engine.images import fit_longest
 from stylequeue.engine.losses import ContentLoss, LossTerms, StyleLoss, StyleTransferLoss
 from stylequeue.engine.memory import fit_batch_size
@@ -229,7 +229,8 @@ def _batched_step(active: list[_Member], objective: StyleTransferLoss) -> None:
     images = torch.cat([run.image for run in runs])  # (B, 3, H, W); backward splits the gradient
     normalized = job.config.space == "normalized"
     with autocast(job.plan):
-        features = job.model(_memory_format(images, job.plan), objective.layers, normalized=normalized)
+        features = forward_of(job.model, job.plan)(_memory_format(images, job.plan), objective.layers,
+                                                   normalized=normalized)
     pixels = job.model.denormalize(images) if normalized else images
     terms = objective(features, pixels)
     terms.total.sum().backward()

@@ -16,6 +16,8 @@ from stylequeue.exceptions import ConfigError
 OPTIMIZERS = ("adam", "lbfgs")
 INITS = ("content", "noise", "image")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# torch.compile modes for the VGG forward on CUDA ("reduce-overhead" adds CUDA graphs).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 # How a Gram matrix of (C, H, W) features is scaled before the style MSE:
 # "chw" divides by C*H*W (size-independent); "sqrt_chw" divides by sqrt(C*H*W), which makes
 # mean((G - A)^2) equal the seed's mean((F F^T - S S^T)^2) / (C*H*W) exactly.
@@ -80,6 +82,7 @@ class StyleConfig:
     checkpoint_every: int = 0  # 0 = never
     device: str = "auto"
     precision: str = "auto"
+    compile: str = "off"  # torch.compile mode on CUDA (see COMPILE_MODES); ignored elsewhere
 
     def validate(self) -> "StyleConfig":
         """Raise ConfigError saying what is wrong and how to fix it; return self when valid."""
@@ -130,6 +133,7 @@ def _check_choices(cfg: StyleConfig) -> None:
         ("init", INITS),
         ("pooling", POOLINGS),
         ("precision", PRECISIONS),
+        ("compile", COMPILE_MODES),
         ("gram_norm", GRAM_NORMS),
         ("space", SPACES),
     ):

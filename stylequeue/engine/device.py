@@ -7,8 +7,9 @@ without a GPU; ``resolve_device`` and ``apply_backend_settings`` touch the real 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -26,6 +27,7 @@ class ExecutionPlan:
     autocast_dtype: torch.dtype | None  # None: no autocast
     channels_last: bool
     cudnn_benchmark: bool
+    compile_mode: str | None = None  # torch.compile mode for the VGG forward; None: eager
 
     @property
     def precision(self) -> str:
@@ -54,11 +56,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def plan_execution(device: torch.device, precision: str = "auto") -> ExecutionPlan:
-    """Pick autocast dtype and memory format. CPU and MPS stay float32.
+def plan_execution(device: torch.device, precision: str = "auto", compile: str = "off") -> ExecutionPlan:
+    """Pick autocast dtype, memory format and compilation. CPU and MPS stay float32 and eager.
 
     On CUDA, "auto" runs VGG's forward in bf16: it keeps fp32's exponent range, so no loss
-    scaling is needed, and the losses themselves are computed in fp32.
+    scaling is needed, and the losses themselves are computed in fp32. ``compile`` (a
+    torch.compile mode, or "off") applies on CUDA only: it is a speed setting, measured by
+    bench/gpu_bench.py; elsewhere compiling costs more than it saves.
     """
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
@@ -70,7 +74,9 @@ def plan_execution(device: torch.device, precision: str = "auto") -> ExecutionPl
         )
     dtype = {"auto": torch.bfloat16 if on_cuda else None, "fp32": None,
              "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return ExecutionPlan(device=device, autocast_dtype=dtype, channels_last=on_cuda, cudnn_benchmark=on_cuda)
+    mode = compile if on_cuda and compile != "off" else None
+    return ExecutionPlan(device=device, autocast_dtype=dtype, channels_last=on_cuda, cudnn_benchmark=on_cuda,
+                         compile_mode=mode)
 
 
 def apply_backend_settings(plan: ExecutionPlan) -> None:
@@ -84,3 +90,20 @@ def autocast(plan: ExecutionPlan) -> ContextManager[object]:
     if plan.autocast_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=plan.device.type, dtype=plan.autocast_dtype)
+
+
+_compiled: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Callable[..., Any]]]" = weakref.WeakKeyDictionary()
+
+
+def forward_of(model: torch.nn.Module, plan: ExecutionPlan) -> Callable[..., Any]:
+    """The model itself, or its torch.compile'd forward when the plan asks (made once per model).
+
+    Static shapes (``dynamic=False``): each scale and batch size compiles once and then reuses
+    its kernels; "reduce-overhead" also records CUDA graphs of the forward and backward.
+    """
+    if plan.compile_mode is None:
+        return model
+    per_mode = _compiled.setdefault(model, {})
+    if plan.compile_mode not in per_mode:
+        per_mode[plan.compile_mode] = torch.compile(model, mode=plan.compile_mode, dynamic=False)
+    return per_mode[plan.compile_mode]

@@ -27,6 +27,7 @@ from stylequeue.engine.device import (
     ExecutionPlan,
     apply_backend_settings,
     autocast,
+    forward_of,
     plan_execution,
     resolve_device,
 )
@@ -44,7 +45,7 @@ from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.exceptions import ConfigError
 
 # Settings that may differ between a checkpoint and the run resuming it: they do not change the result.
-_RESUME_FREE = ("device", "precision", "progress_every", "checkpoint_every")
+_RESUME_FREE = ("device", "precision", "compile", "progress_every", "checkpoint_every")
 
 
 @dataclass
@@ -209,7 +210,7 @@ def _set_up(
             "build VGGFeatures with pooling=config.pooling"
         )
     device = next(model.parameters()).device if config.device == "auto" else resolve_device(config.device)
-    plan = plan_execution(device, config.precision)
+    plan = plan_execution(device, config.precision, config.compile)
     apply_backend_settings(plan)
     model.to(device)
     if plan.channels_last:
@@ -396,10 +397,11 @@ def _evaluator(job: _Job, scale: _Scale) -> Callable[[torch.Tensor], LossTerms]:
     """Loss of the current image: one VGG forward (cut at the deepest layer), then the losses."""
     model, plan, layers = job.model, job.plan, scale.objective.layers
     normalized = job.config.space == "normalized"
+    forward = forward_of(model, plan)
 
     def evaluate(image: torch.Tensor) -> LossTerms:
         with autocast(plan):
-            features = model(_memory_format(image, plan), layers, normalized=normalized)
+            features = forward(_memory_format(image, plan), layers, normalized=normalized)
         pixels = model.denormalize(image) if normalized else image
         return scale.objective(features, pixels)
 

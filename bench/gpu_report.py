@@ -53,6 +53,26 @@ def _precision_lines(prec: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _batch_lines(b: dict[str, Any]) -> list[str]:
+    if not b.get("available"):
+        return [f"**TODO (issue 5)**: {b.get('note') or b.get('error')}"]
+    lines = [f"`stylize_batch` of B identical `{b['preset']}` jobs at {b['size']} px ({b['precision']}),",
+             f"{b['iterations_timed']} timed iterations after a warm-up chunk. 'gain' = image-iterations per",
+             "second against B = 1. 'diff' = max |item 0 - the B = 1 image| in 8-bit levels.", "",
+             "| B | s / batch iteration | image-iterations / s | gain | peak MiB | diff |",
+             "|---|---|---|---|---|---|"]
+    base = b["runs"].get("1", {}).get("image_its_per_s")
+    for size, r in b["runs"].items():
+        if "error" in r:
+            lines.append(f"| {size} | ERROR {r['error']} | | | | |")
+            continue
+        gain = (r["image_its_per_s"] / base) if base and r["image_its_per_s"] else None
+        peak = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else "-"
+        lines.append(f"| {size} | {_f(r['s_per_it'])} | {_f(r['image_its_per_s'])} | {_f(gain, 3)} | {peak} | "
+                     f"{r['max_abs_diff_vs_first_run']} |")
+    return lines
+
+
 def write_gpu_report(report: dict[str, Any]) -> str:
     m, peaks = report["machine"], report["peaks_tflops"]
     lines = [
@@ -78,7 +98,5 @@ def write_gpu_report(report: dict[str, Any]) -> str:
               "including the resident VGG weights (~80 MB per pooling kind).", ""]
     lines += _memory_lines(report["memory"]) + [""]
     lines += ["## bf16 autocast against float32", ""] + _precision_lines(report["precision"]) + [""]
-    lines += ["## Batching (1, 2, 4, 8 jobs of 512 px)", ""]
-    b = report["batching"]
-    lines += [f"**TODO**: {b.get('note') or b.get('error')}", ""]
+    lines += ["## Batching", ""] + _batch_lines(report["batching"]) + [""]
     return "\n".join(lines)

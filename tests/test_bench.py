@@ -16,7 +16,6 @@ import torch
 from bench import engine_bench, flops, gpu_bench, preset_search
 from bench.harness import Contender, Interleaver, Objective, load_inputs, run_interleaved
 from bench.seed_loop import SeedLoop, seed_objective
-from stylequeue import engine
 from stylequeue.engine import VGGFeatures
 from stylequeue.engine.losses import gram_matrix
 from stylequeue.engine.weights import load_weights
@@ -184,6 +183,11 @@ def test_gpu_bench_quick_runs_on_cpu(tmp_path: Path):
     runs = report["precision"]["runs"]
     assert set(runs) == {"seed fp32", "gatys fp32", "default fp32"}
     assert all(r["seed_objective"] > 0 for r in runs.values())
-    if not hasattr(engine, "stylize_batch"):
+    if importlib.util.find_spec("stylequeue.engine.batch") is None:
         assert "batching: not available in this build" in md
+    else:
+        batch = report["batching"]["runs"]
+        assert set(batch) == {"1", "2"} and all("error" not in r for r in batch.values()), batch
+        assert all(r["s_per_it"] > 0 and r["max_abs_diff_vs_first_run"] <= 2 for r in batch.values())
+        assert [r[0] for r in _table_rows(md, "1") + _table_rows(md, "2")] == ["1", "2"]
     assert "RANDOM weights" in md

@@ -63,14 +63,21 @@ def count_gpus() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
-def parse_gpus(spec: str, available: int | None = None) -> list[int]:
-    """``auto`` -> every GPU; ``N`` -> the first N; ``0,2`` (any list with a comma) -> those ids.
+def parse_gpus(spec: str, available: int | None = None, environ: dict[str, str] | None = None) -> list[str]:
+    """GPU ids for ``--gpus``: ``auto``, a count ``N`` (the first N) or ids ``0,2``.
 
-    ``0`` means no GPU (one CPU worker). A single GPU id is written with a trailing comma: ``1,``.
+    ``auto`` means the GPUs this process may use: those ``CUDA_VISIBLE_DEVICES`` names when it is
+    set (a container or scheduler may have picked them, possibly by UUID), else every GPU
+    ``nvidia-smi`` lists (``available`` overrides the count). ``0`` means no GPU: one CPU worker.
+    A single GPU id is written with a trailing comma: ``1,``.
     """
+    env = os.environ if environ is None else environ
     spec = spec.strip().lower()
     if spec in ("auto", ""):
-        return list(range(count_gpus() if available is None else available))
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            return [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+        return [str(i) for i in range(count_gpus() if available is None else available)]
     try:
         if "," in spec:
             ids = [int(part) for part in spec.split(",") if part.strip()]
@@ -82,7 +89,7 @@ def parse_gpus(spec: str, available: int | None = None) -> list[int]:
         ) from None
     if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
         raise ConfigError(f"--gpus lists a negative or repeated GPU id: {spec!r}")
-    return ids
+    return [str(i) for i in ids]
 
 
 def _celery_argv(queue: str, hostname: str, concurrency: int, loglevel: str, pool: str) -> list[str]:
@@ -99,7 +106,7 @@ def _celery_argv(queue: str, hostname: str, concurrency: int, loglevel: str, poo
 
 def plan_workers(
     settings: Settings,
-    gpus: list[int],
+    gpus: list[str],
     *,
     queues: list[str] | None = None,
     concurrency_light: int = 2,
@@ -121,9 +128,10 @@ def plan_workers(
     procs: list[WorkerProcess] = []
     if settings.gpu_queue in queues:
         if gpus:
-            for gpu in gpus:
-                argv = _celery_argv(settings.gpu_queue, f"gpu{gpu}@%h", 1, loglevel, "prefork")
-                procs.append(WorkerProcess(f"gpu{gpu}", argv, {"CUDA_VISIBLE_DEVICES": str(gpu)}))
+            for position, gpu in enumerate(gpus):
+                name = f"gpu{gpu if gpu.isdigit() else position}"  # a UUID would make a poor hostname
+                argv = _celery_argv(settings.gpu_queue, f"{name}@%h", 1, loglevel, "prefork")
+                procs.append(WorkerProcess(name, argv, {"CUDA_VISIBLE_DEVICES": gpu}))
         else:
             # No GPU: hide any CUDA devices so "auto" resolves to the CPU in the child too.
             argv = _celery_argv(settings.gpu_queue, "cpu0@%h", 1, loglevel, "prefork")

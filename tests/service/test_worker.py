@@ -30,18 +30,22 @@ def _png(seed: int, size: tuple[int, int] = (40, 32)) -> bytes:
 
 
 def test_parse_gpus_forms() -> None:
-    assert parse_gpus("auto", available=3) == [0, 1, 2]
-    assert parse_gpus("2") == [0, 1]
+    assert parse_gpus("auto", available=3, environ={}) == ["0", "1", "2"]
+    # A container or scheduler that already chose the GPUs is obeyed, UUIDs included.
+    assert parse_gpus("auto", environ={"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    assert parse_gpus("auto", environ={"CUDA_VISIBLE_DEVICES": "GPU-a1b2"}) == ["GPU-a1b2"]
+    assert parse_gpus("auto", available=2, environ={"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert parse_gpus("2") == ["0", "1"]
     assert parse_gpus("0") == []
-    assert parse_gpus("1,3") == [1, 3]
-    assert parse_gpus("2,") == [2]
+    assert parse_gpus("1,3") == ["1", "3"]
+    assert parse_gpus("2,") == ["2"]
     for bad in ("two", "1,1", "-1,"):
         with pytest.raises(ConfigError):
             parse_gpus(bad)
 
 
 def test_plan_one_process_per_gpu_with_its_own_device() -> None:
-    procs = plan_workers(Settings(), [0, 3], concurrency_light=2)
+    procs = plan_workers(Settings(), ["0", "3"], concurrency_light=2)
     assert [p.name for p in procs] == ["gpu0", "gpu3", "light"]
     gpu0, gpu3, light = procs
     assert gpu0.env == {"CUDA_VISIBLE_DEVICES": "0"} and gpu3.env == {"CUDA_VISIBLE_DEVICES": "3"}
@@ -60,6 +64,8 @@ def test_plan_without_gpus_is_one_cpu_worker_and_queues_can_be_chosen() -> None:
     procs = plan_workers(Settings(), [], queues=["gpu"])
     assert [p.name for p in procs] == ["cpu0"]
     assert procs[0].argv[procs[0].argv.index("-n") + 1] == "cpu0@%h"
+    uuid_worker = plan_workers(Settings(), ["GPU-a1b2"], queues=["gpu"])[0]
+    assert uuid_worker.name == "gpu0" and uuid_worker.env == {"CUDA_VISIBLE_DEVICES": "GPU-a1b2"}
     with pytest.raises(ConfigError, match="unknown queue"):
         plan_workers(Settings(), [], queues=["gpu", "video"])
 

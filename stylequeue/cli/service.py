@@ -150,7 +150,7 @@ def submit_command(args: argparse.Namespace) -> int:
 
 def _wait(job: Any, args: argparse.Namespace) -> int:
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    show = sys.stderr.isatty() or os.environ.get("STYLEQUEUE_PROGRESS") == "1"
+    show = sys.stderr.isatty()  # a progress line for people, not for logs and pipes
     while True:
         try:
             result = job.wait(timeout=1.0)

@@ -263,13 +263,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except Exception as exc:  # one broken section must not lose the others' numbers
             report[key] = {"error": f"{type(exc).__name__}: {exc}"}
         report.setdefault("section_seconds", {})[key] = round(time.perf_counter() - t0, 1)
+        report["wall_seconds"] = round(time.perf_counter() - started, 1)
         print(f"{key}: {report['section_seconds'][key]} s", flush=True)
-    report["wall_seconds"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_report.json").write_text(json.dumps(report, indent=1, default=str))
-    (args.out / "gpu_report.md").write_text(write_gpu_report(report))
+        _write(args.out, report)  # after every section: a run cut short still leaves its numbers
     print((args.out / "gpu_report.md").read_text())
     return report
+
+
+def _write(out: Path, report: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "gpu_report.md").write_text(write_gpu_report(report))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 
+_NOT_RUN = {"error": "not run (the run ended before this section)"}
+
+
 def _f(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -93,10 +96,10 @@ def write_gpu_report(report: dict[str, Any]) -> str:
         f"fp32 non-tensor {peaks['fp32_nontensor_datasheet']} TFLOP/s (NVIDIA H100/H200 SXM datasheet);",
         f"a bf16 8192^3 matmul measured {peaks['bf16_matmul_measured_here']} TFLOP/s on this kind of machine.", "",
     ]
-    lines += _speed_lines(report["speed"], peaks) + [""]
+    lines += _speed_lines(report.get("speed", _NOT_RUN), peaks) + [""]
     lines += ["## Memory peaks", "", "torch.cuda.max_memory_allocated over 3 iterations of each run alone,",
               "including the resident VGG weights (~80 MB per pooling kind).", ""]
-    lines += _memory_lines(report["memory"]) + [""]
-    lines += ["## bf16 autocast against float32", ""] + _precision_lines(report["precision"]) + [""]
-    lines += ["## Batching", ""] + _batch_lines(report["batching"]) + [""]
+    lines += _memory_lines(report.get("memory", _NOT_RUN)) + [""]
+    lines += ["## bf16 autocast against float32", ""] + _precision_lines(report.get("precision", _NOT_RUN)) + [""]
+    lines += ["## Batching", ""] + _batch_lines(report.get("batching", _NOT_RUN)) + [""]
     return "\n".join(lines)

@@ -4,6 +4,7 @@
     model = VGGFeatures.from_weights(load_weights("imagenet"), pooling=cfg.pooling)
     result = stylize(content, [style], cfg, model=model, callback=print)
     result.image.save("out.png"); json.dump(result.metadata(), ...)
+    results = stylize_batch([BatchItem(c, [style]) for c in contents], cfg, model=model)  # same size
 """
 
 from stylequeue.engine.config import StyleConfig
@@ -11,10 +12,14 @@ from stylequeue.engine.losses import ContentLoss, StyleLoss, StyleTransferLoss, 
 from stylequeue.engine.presets import PRESETS, preset
 from stylequeue.engine.state import OptimState
 from stylequeue.engine.stylize import Progress, StyleResult, scale_sizes, stylize
+from stylequeue.engine.batch import BatchItem, stylize_batch, stylize_many  # after stylize: it builds on it
+from stylequeue.engine.targets import LruTargetCache, TargetCache, style_target_key
 from stylequeue.engine.vgg import LAYER_NAMES, VGGFeatures
 
 __all__ = [
+    "BatchItem",
     "LAYER_NAMES",
+    "LruTargetCache",
     "PRESETS",
     "ContentLoss",
     "OptimState",
@@ -24,9 +29,13 @@ __all__ = [
     "StyleResult",
     "StyleTransferLoss",
     "TVLoss",
+    "TargetCache",
     "VGGFeatures",
     "gram_matrix",
     "preset",
     "scale_sizes",
+    "style_target_key",
     "stylize",
+    "stylize_batch",
+    "stylize_many",
 ]

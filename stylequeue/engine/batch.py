@@ -197,12 +197,12 @@ def _run_scale_batch(members: list[_Member], index: int) -> None:
     objective: StyleTransferLoss | None = None
     while active:
         still = [m for m in active if not _stopped(m)]
+        if not still:
+            return
         if objective is None or len(still) != len(active):
             # Rebuilt only when the batch shrinks: the targets of the remaining items, stacked.
             objective = stack_objectives([m.scale.objective for m in still if m.scale is not None])
         active = still
-        if not active:
-            return
         _batched_step(active, objective)
         for m in active:
             assert m.scale is not None and m.run is not None

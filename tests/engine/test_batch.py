@@ -89,6 +89,11 @@ def test_a_cancelled_item_leaves_the_others_as_alone(model_avg: VGGFeatures, job
     for i in (0, 2):
         assert not batch[i].stopped and batch[i].state.iteration == 6
         assert _max_diff(batch[i].state.image, solo[i].state.image) < TOLERANCE
+    # Everyone cancelled: the batch ends, each with its own state.
+    everyone = stylize_batch([BatchItem(c, [s], should_stop=_stop_after(i)) for i, (c, s) in enumerate(jobs)],
+                             cfg, model=model_avg)
+    assert [r.stopped for r in everyone] == [True] * 3
+    assert [r.state.iteration for r in everyone] == [0, 1, 2]
 
 
 def test_per_item_checkpoints_resume_alone(model_avg: VGGFeatures, jobs) -> None:

@@ -269,8 +269,7 @@ def _prepare_scale(job: _Job, index: int) -> _Scale:
 
 
 def _style_targets(job: _Job, style: int, size: int, content_luma: torch.Tensor | None) -> Targets:
-    """{layer: (1, C, C) Gram matrix} of style image ``style`` at output size ``size``; cached when
-    the job has a target cache (the luminance statistics cost one sync, once per scale)."""
+    """{layer: (1, C, C) Gram} of style ``style`` at output size ``size``, via the job's cache if any."""
     cfg, plan = job.config, job.plan
     key = None
     if job.target_cache is not None and job.style_digests is not None:

@@ -6,7 +6,8 @@ restarted one listens on the SAME port, so clients configured once see an outage
 what the fault tests of issue 4 need. ``S3Server.fail_next(n, status, code)`` makes the next ``n``
 S3 requests fail with an HTTP error (503 SlowDown, 500 InternalError, 403 ...) for real.
 
-* :class:`RedisServer` runs the ``redis-server`` binary (no persistence: a restart empties it).
+* :class:`RedisServer` runs the ``redis-server`` binary (no persistence: a restart empties it;
+  ``appendonly=True`` makes it durable like a deployment's Redis, ``password`` sets ``requirepass``).
 * :class:`S3Server` serves S3 over HTTP:
 
   - ``STYLEQUEUE_TEST_S3_ENDPOINT`` set (a MinIO URL, keys from ``STYLEQUEUE_TEST_S3_ACCESS_KEY`` /
@@ -105,9 +106,17 @@ class _Restartable:
 
 
 class RedisServer(_Restartable):
-    """A private ``redis-server`` process; ``stop()`` is SIGTERM, ``kill()`` SIGKILL."""
+    """A private ``redis-server`` process; ``stop()`` is SIGTERM, ``kill()`` SIGKILL.
 
-    def __init__(self, port: int | None = None, startup_timeout: float = 15.0) -> None:
+    ``appendonly``: an append-only file fsynced on every write, so queued and unacknowledged
+    messages survive ``restart()`` and even ``kill()`` (what ``appendonly yes`` gives a deployment).
+    ``password``: ``requirepass``; :attr:`url` then carries it, as a deployment's URL would.
+    """
+
+    def __init__(self, port: int | None = None, startup_timeout: float = 15.0, *,
+                 appendonly: bool = False, password: str | None = None) -> None:
+        self.appendonly = appendonly
+        self.password = password
         self.port = port or free_port()
         self.auto_port = port is None
         self.startup_timeout = startup_timeout
@@ -117,15 +126,16 @@ class RedisServer(_Restartable):
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        return self.url_for(0)
 
     def url_for(self, db: int) -> str:
-        return f"redis://{HOST}:{self.port}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{HOST}:{self.port}/{db}"
 
     def client(self, db: int = 0) -> Any:
         import redis
 
-        return redis.Redis(host=HOST, port=self.port, db=db, socket_timeout=5)
+        return redis.Redis(host=HOST, port=self.port, db=db, socket_timeout=5, password=self.password)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -136,7 +146,9 @@ class RedisServer(_Restartable):
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        args = [exe, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
+        durable = ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
+        auth = ["--requirepass", self.password] if self.password else []
+        args = [exe, "--port", str(self.port), "--bind", HOST, "--save", "", *durable, *auth,
                 "--dir", str(self.workdir), "--logfile", str(self.log_path)]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 

@@ -1,0 +1,232 @@
+"""Faults caused for real (issue 4): killed workers, warm shutdown, a restarted broker, storage
+outages, time limits and a poison job, against real redis-server, S3 and celery worker processes.
+
+One stack per module: a durable Redis (appendonly, as deployed) of its own, TWO GPU workers (one
+to kill, one to take over) and a light worker. Settings are scaled down so each fault shows in
+seconds: a 16 s visibility timeout (jobs here last a few seconds; the time limits stay below it,
+as ``_check_limits`` demands), checkpoints every 2 iterations, small retry budgets. Each test
+leaves the stack as it found it (a killed worker is started again), and every job is checked
+where a user would look: its state, result.json in S3, and the workers' logs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from stylequeue.exceptions import JobFailedError
+from stylequeue.job import JobStatus
+from stylequeue.scheduler import submit
+from stylequeue.scheduler.jobs import JobHandle, build_chain, task_ids
+from stylequeue.job import JobPaths, JobSpec
+from tests.service.fault_stack import (
+    Stack,
+    job_spec,
+    pid_alive,
+    pids_of_children,
+    start_stack,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(240)
+
+POISON_ID = f"poison-{uuid.uuid4().hex[:8]}"
+VISIBILITY_TIMEOUT = 16
+ENV = {
+    "STYLEQUEUE_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
+    "STYLEQUEUE_JOB_TIME_LIMIT": "15",
+    "STYLEQUEUE_JOB_SOFT_TIME_LIMIT": "12",
+    "STYLEQUEUE_MAX_DELIVERIES": "3",
+    "STYLEQUEUE_TASK_MAX_RETRIES": "3",
+    # One attempt rides out ~4 s of outage by itself (0.25 + 0.5 + 1 + 2 s, plus jitter).
+    "STYLEQUEUE_STORAGE_RETRIES": "4",
+    "STYLEQUEUE_STORAGE_BACKOFF_S": "0.25",
+    # Test-only hook (stylequeue/tasks/jobs.py): the stylize task of this job kills its process.
+    "STYLEQUEUE_TEST_CRASH_ON": POISON_ID,
+}
+
+
+@pytest.fixture(scope="module")
+def stack(s3_server, tmp_path_factory) -> Stack:
+    with start_stack(s3_server, tmp_path_factory.mktemp("faults"), gpu_workers=2, appendonly=True,
+                     versioned=True, extra_env=ENV) as stack:
+        stack.content = stack.put_png("in/content.png", (48, 32), 1)
+        stack.style = stack.put_png("in/style.png", (40, 40), 2)
+        yield stack
+
+
+@pytest.fixture
+def fs(stack: Stack, request: pytest.FixtureRequest) -> Stack:
+    """The stack, with every worker up (restarting any a test killed); logs on failure."""
+    down = [w for w in stack.workers if not w.running]
+    for worker in down:
+        worker.launch()
+    for worker in down:
+        worker.wait_ready()
+    yield stack
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(stack.logs())
+
+
+def _spec(fs: Stack, **params) -> dict:
+    return job_spec(fs.content, fs.style, **params)
+
+
+def _worker_running(fs: Stack, task_id: str):
+    """The GPU worker whose log shows it received ``task_id`` most recently."""
+    marks = [(w.log_text().rfind(f"[{task_id}] received"), w) for w in fs.gpu]
+    pos, worker = max(marks, key=lambda m: m[0])
+    return worker if pos >= 0 else None
+
+
+def _ok(fs: Stack, timeout: float = 120) -> None:
+    """The service still serves: a small job submitted now succeeds."""
+    summary = submit(_spec(fs), app=fs.app).wait(timeout=timeout)
+    assert summary["status"] == "succeeded"
+
+
+# --- worker death ------------------------------------------------------------------------------
+
+def test_sigkill_of_a_whole_worker_mid_job_redelivers_and_resumes(fs: Stack) -> None:
+    """The node failure: the worker's main process is SIGKILLed mid-job (its pool child dies with
+    it). The message stays in kombu's unacked hash; after the visibility timeout another worker
+    restores and runs it, resuming from the last checkpoint; result.json is written exactly once."""
+    job = submit(_spec(fs, iterations=14), app=fs.app)
+    stylize_id = job.task_ids[1]
+    wait_for(lambda: (p := job.progress()) and p["iteration"] >= 5, 90, "five iterations", logs=fs.logs)
+    victim = wait_for(lambda: _worker_running(fs, stylize_id), 10, "the worker running the job")
+    survivor = next(w for w in fs.gpu if w is not victim)
+    children = pids_of_children(victim.proc.pid)
+    killed_at = time.monotonic()
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(timeout=10)
+    # The pool child has PR_SET_PDEATHSIG=SIGKILL: it dies with its parent, it does not finish alone.
+    wait_for(lambda: not any(pid_alive(p) for p in children), 10, "the pool child to die")
+
+    summary = job.wait(timeout=VISIBILITY_TIMEOUT + 90)
+    waited = time.monotonic() - killed_at
+    assert summary["status"] == "succeeded"
+    assert waited >= VISIBILITY_TIMEOUT - 1  # redelivered by the visibility timeout, not sooner
+    assert f"[{stylize_id}] received" in survivor.log_text()
+    meta = fs.get_json(summary["metadata_uri"])
+    step = meta["steps"][0]
+    assert step["started_from"] == "resumed" and step["resumed_from_iteration"] >= 4, step
+    assert step["iterations_done"] == 14
+    assert fs.versions(summary["metadata_uri"]) == 1  # one complete result, written once
+    assert fs.versions(summary["result_uri"]) == 1
+
+
+def test_warm_shutdown_finishes_the_running_job(fs: Stack) -> None:
+    """SIGTERM (Kubernetes, Compose): Celery's warm shutdown lets the running job finish."""
+    job = submit(_spec(fs, iterations=8), app=fs.app)
+    wait_for(lambda: (p := job.progress()) and p["iteration"] >= 2, 90, "the job to run", logs=fs.logs)
+    worker = wait_for(lambda: _worker_running(fs, job.task_ids[1]), 10, "the worker running the job")
+    worker.terminate()
+    assert worker.proc.wait(timeout=60) == 0
+    assert f"[{job.task_ids[1]}] succeeded" in worker.log_text()
+    assert job.wait(timeout=60)["status"] == "succeeded"
+    assert fs.versions(job.metadata_uri) == 1
+
+
+# --- broker ------------------------------------------------------------------------------------
+
+def test_redis_restart_with_jobs_queued_and_running(fs: Stack) -> None:
+    """Redis goes away for a few seconds and comes back (appendonly: the queue survives). Workers
+    and the producer reconnect; every job, queued or running at the time, ends SUCCEEDED."""
+    jobs = [submit(_spec(fs, iterations=6), app=fs.app) for _ in range(4)]
+    wait_for(lambda: any(j.progress() for j in jobs), 90, "a job to run", logs=fs.logs)
+    fs.redis.stop()
+    time.sleep(3)
+    fs.redis.start()
+    later = submit(_spec(fs), app=fs.app)  # the producer's connection comes back too
+    for job in [*jobs, later]:
+        assert job.wait(timeout=VISIBILITY_TIMEOUT + 120)["status"] == "succeeded", fs.logs()
+        assert fs.versions(job.metadata_uri) == 1
+    assert all(w.running for w in fs.workers)
+
+
+# --- storage -----------------------------------------------------------------------------------
+
+def test_storage_outage_is_retried_and_the_job_completes(fs: Stack) -> None:
+    """S3 refuses connections for 6 s in the middle of a job: storage calls back off and retry,
+    the task retries from its checkpoint, and the job completes once S3 is back."""
+    job = submit(_spec(fs, iterations=10), app=fs.app)
+    wait_for(lambda: (p := job.progress()) and p["iteration"] >= 3, 90, "the job to run", logs=fs.logs)
+    fs.s3_server.stop()
+    time.sleep(6)
+    fs.s3_server.start()
+    summary = job.wait(timeout=120)
+    assert summary["status"] == "succeeded"
+    logs = fs.all_logs()
+    assert "failed: cannot reach S3" in logs and "retry 1/4" in logs  # backed off, not hammered
+    assert fs.versions(summary["metadata_uri"]) == 1
+
+
+def test_storage_5xx_within_the_budget_is_retried(fs: Stack) -> None:
+    """Injected HTTP 503 SlowDown answers (S3 throttling) are retried with backoff."""
+    job_id = f"slow-{uuid.uuid4().hex[:8]}"
+    fs.s3_server.fail_next(3, 503, "SlowDown")
+    summary = submit(job_spec(fs.content, fs.style, job_id=job_id), app=fs.app).wait(timeout=120)
+    assert summary["status"] == "succeeded"
+    assert fs.s3_server.faults.injected >= 3
+
+
+def test_storage_down_past_the_retry_budget_fails_clearly(fs: Stack) -> None:
+    """Every S3 request fails: after storage retries x task retries the job is FAILED, saying why."""
+    fs.s3_server.fail_next(10_000, 503, "SlowDown")
+    try:
+        job = submit(_spec(fs), app=fs.app)
+        with pytest.raises(JobFailedError) as info:
+            job.wait(timeout=120)
+    finally:
+        fs.s3_server.fail_next(0)
+    assert job.status() is JobStatus.FAILED
+    message = str(info.value)
+    assert "TransientStorageError" in message and "gave up after 5 attempts" in message, message
+    assert "STYLEQUEUE_STORAGE_RETRIES" in message
+    _ok(fs)
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+def _submit_with_limits(fs: Stack, soft: float | None, hard: float) -> JobHandle:
+    """A job whose stylize step runs under its own (short) Celery time limits."""
+    spec = JobSpec.parse(_spec(fs, iterations=100_000), fs.settings)
+    ids = task_ids(spec.job_id, 1)
+    work = build_chain(fs.app, spec, 1, ids)
+    limits = {"time_limit": hard, **({"soft_time_limit": soft} if soft else {})}
+    work.tasks[1].set(**limits)
+    work.apply_async()
+    paths = JobPaths.for_spec(spec, fs.settings)
+    return JobHandle(spec.job_id, fs.app, ids, paths.result, paths.metadata)
+
+
+@pytest.mark.parametrize("soft,hard", [(3, 10), (None, 3)], ids=["soft-limit", "hard-limit"])
+def test_a_job_past_its_time_limit_is_timed_out_and_the_worker_goes_on(fs: Stack, soft, hard) -> None:
+    job = _submit_with_limits(fs, soft, hard)
+    wait_for(lambda: job.status() is JobStatus.TIMED_OUT, 90, "TIMED_OUT", interval=0.25, logs=fs.logs)
+    with pytest.raises(JobFailedError, match="timed_out"):
+        job.wait(timeout=5)
+    assert "time limit" in (job.error() or "").lower() or "TimeLimitExceeded" in (job.error() or "")
+    _ok(fs)
+
+
+def test_a_poison_job_stops_after_max_deliveries_and_others_complete(fs: Stack) -> None:
+    """A job that kills its worker process every time is FAILED after ``max_deliveries``."""
+    poison = submit(_spec(fs) | {"job_id": POISON_ID}, app=fs.app)
+    others = [submit(_spec(fs), app=fs.app) for _ in range(2)]
+    with pytest.raises(JobFailedError) as info:
+        poison.wait(timeout=180)
+    assert poison.status() is JobStatus.FAILED
+    message = str(info.value)
+    assert "TooManyDeliveriesError" in message and "delivered 4 times (limit 3)" in message, message
+    for job in others:
+        assert job.wait(timeout=120)["status"] == "succeeded"
+    assert all(w.running for w in fs.workers)
+    crashes = fs.all_logs().count("WorkerLostError")
+    assert crashes == 3, crashes

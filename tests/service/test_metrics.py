@@ -141,6 +141,43 @@ def test_unacked_counts_reserved_messages(
         channel.close()
 
 
+def test_a_jobs_gpu_step_waits_in_a_list_the_keda_redis_triggers_watch(
+    env: dict[str, str], tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """deploy/k8s/keda-scaledobject.yaml names the lists where a real job's GPU step waits.
+
+    The producer sends validate; the light worker, which has the tasks registered, sends stylize
+    with the app's default priority, so it waits in "gpu\\x06\\x16<step>", not in "gpu".
+    """
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from stylequeue.scheduler import submit
+    from tests.service.workers import CeleryWorker
+
+    inputs = tmp_path / "data" / "objects" / "in"
+    inputs.mkdir(parents=True)
+    for name, seed in (("content", 1), ("style", 2)):
+        pixels = np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(inputs / f"{name}.png")
+    env = {**env, "STYLEQUEUE_WEIGHTS": "random:0", "STYLEQUEUE_DEVICE": "cpu"}
+    settings = load_settings(environ=env)
+    app = make_app(settings)
+    keda = yaml.safe_load((Path(__file__).parents[2] / "deploy/k8s/keda-scaledobject.yaml").read_text())
+    watched = {t["metadata"]["listName"] for t in keda["spec"]["triggers"] if t["type"] == "redis"}
+    client = own_redis.client()
+    with CeleryWorker(env, settings.light_queue):  # no GPU worker: stylize stays queued
+        submit({"job_id": "keda-1", "content": f"file://{inputs}/content.png",
+                "styles": [f"file://{inputs}/style.png"], "params": {"size": 32, "iterations": 2}},
+               app=app)
+        wait_until(lambda: queue_lengths(client, [settings.gpu_queue], range(10))[settings.gpu_queue] == 1,
+                   90, "the job's stylize step on the gpu queue")
+    waiting = [k.decode() for k in client.keys(f"{settings.gpu_queue}*") if client.type(k) == b"list"]
+    assert len(waiting) == 1 and waiting[0] in watched, (waiting, watched)
+    app.close()
+
+
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()

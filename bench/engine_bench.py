@@ -71,11 +71,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _contenders(names: tuple[str, ...], size: int, content: Any, style: Any, weights: Any,
-                device: torch.device, models: dict[str, VGGFeatures]) -> list[Contender]:
-    """Seed loop first, then the presets at ``size``, all on ``device``."""
+                device: torch.device, models: dict[str, VGGFeatures], *, single_scale: bool = False
+                ) -> list[Contender]:
+    """Seed loop first, then the presets at ``size``, all on ``device``.
+
+    ``single_scale`` runs a multi-scale preset at ``size`` only: the cost of an iteration there.
+    """
     out: list[Contender] = [SeedLoopContender(SEED_LOOP, content, style, size, weights.state_dict, device)]
     for name in names:
         cfg = preset(name, size=size, device=str(device), progress_every=1)
+        if single_scale:
+            cfg = cfg.replace(scales=1)
         if cfg.pooling not in models:
             models[cfg.pooling] = VGGFeatures.from_weights(weights, pooling=cfg.pooling, device=device)
         out.append(EngineContender(name, cfg, content, style, models[cfg.pooling]))
@@ -88,7 +94,7 @@ def measure_speed(args: argparse.Namespace, inputs: tuple, weights: Any, device:
     """(a): {size: {contender: {s_per_it, chunks_s_per_it, error}}}, seed loop and ``names``."""
     result: dict[str, dict[str, Any]] = {}
     for size in args.size_list:
-        contenders = _contenders(names, size, *inputs, weights, device, models)
+        contenders = _contenders(names, size, *inputs, weights, device, models, single_scale=True)
         records = run_interleaved(
             contenders, every=args.chunk, max_iterations=args.chunk * (args.speed_chunks + 1),
             max_seconds=float("inf"), device=device,

@@ -89,7 +89,8 @@ def _contender(name: str, size: int, inputs: tuple, weights: Any, device: torch.
                models: dict[str, VGGFeatures]) -> Any:
     if name == SEED_LOOP:
         return SeedLoopContender(SEED_LOOP, inputs[0], inputs[1], size, weights.state_dict, device)
-    cfg = preset(name, size=size, device=str(device))
+    # One scale: the cost of an iteration AT this size (a multi-scale preset mixes sizes).
+    cfg = preset(name, size=size, device=str(device), scales=1)
     return EngineContender(name, cfg, inputs[0], inputs[1], _model(cfg, weights, device, models))
 
 

@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {**info, "load_average_at_end": load_average()},
         "weights": {"source": args.weights, "random": bool(weights.info.random)},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "presets": {name: preset(name).to_dict() for name in PRESET_NAMES},
         "speed": speed,
         "time_to_target": target,
         "ratios": ratios(speed, target),

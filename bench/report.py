@@ -6,6 +6,10 @@ from pathlib import Path
 from typing import Any
 
 
+_PRESET_KEYS = ("optimizer", "lr", "betas", "space", "content_layers", "style_layers", "style_weight",
+                "gram_norm", "pooling", "init", "scales", "ema_decay", "tv_weight")
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -115,5 +119,10 @@ def write_engine_report(report: dict[str, Any]) -> str:
     lines += _target_lines(target, report["ratios"]) + [""]
     if report.get("plot"):
         lines += ["## (c) Objective against time", "", f"![curves]({report['plot']})", ""]
+    lines += ["## Presets as run", "", "| preset | " + " | ".join(_PRESET_KEYS) + " |",
+              "|---|" + "---|" * len(_PRESET_KEYS)]
+    for name, cfg in report.get("presets", {}).items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(cfg.get(k)) for k in _PRESET_KEYS) + " |")
+    lines += ["", "(sizes and iterations are the benchmark's, not the preset's)", ""]
     lines += [f"Whole run: {report['wall_seconds']} s wall. Raw numbers: the JSON file beside this one.", ""]
     return "\n".join(lines)

@@ -56,6 +56,8 @@ def _register_worker(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--queues", help="comma-separated queues to serve (default: gpu and light)")
     p.add_argument("--concurrency-light", type=int, default=2,
                    help="processes for the light queue (0: no light worker; default 2)")
+    p.add_argument("--batch", type=int, help="jobs a GPU worker optimises together "
+                   "(threads pool; default STYLEQUEUE_BATCH_MAX, 1 = one job at a time)")
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(handler=worker_command)
 
@@ -236,7 +238,8 @@ def worker_command(args: argparse.Namespace) -> int:
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     return run_workers(load_settings(), gpus=args.gpus, queues=queues,
-                       concurrency_light=args.concurrency_light, loglevel=args.loglevel)
+                       concurrency_light=args.concurrency_light, loglevel=args.loglevel,
+                       batch=args.batch)
 
 
 def beat_command(args: argparse.Namespace) -> int:

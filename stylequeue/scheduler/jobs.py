@@ -98,11 +98,12 @@ class JobHandle:
             if state == "FAILURE":
                 timed_out = isinstance(result.result, (JobTimeoutError, TimeLimitExceeded))
                 return JobStatus.TIMED_OUT if timed_out else JobStatus.FAILED
-        if "REVOKED" in states:
-            return JobStatus.CANCELLED
+        cancelled = JobControl(self.app).is_cancelled(self.job_id)
         running = [i for i, s in enumerate(states) if s in _RUNNING_STATES]
-        if not running and JobControl(self.app).is_cancelled(self.job_id):
-            return JobStatus.CANCELLED  # cancelled while queued; a worker drops it on pickup
+        # REVOKED without our cancel flag is Celery terminating a task whose broker connection
+        # was lost: its message goes back to the queue and runs again, so the job is not over.
+        if cancelled and ("REVOKED" in states or not running):
+            return JobStatus.CANCELLED  # stopped, or cancelled while queued (dropped on pickup)
         if running:
             first = running[0]
             if first == 0:

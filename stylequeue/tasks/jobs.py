@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import signal
 import time
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from stylequeue import engine
 from stylequeue.engine.images import check_output_pixels, fit_longest
 from stylequeue.exceptions import (
     JobTimeoutError,
@@ -44,11 +45,15 @@ from stylequeue.tasks.app import (
 )
 from stylequeue.tasks.control import CancelPoller, JobControl
 from stylequeue.tasks.progress import ProgressReporter
+from stylequeue.worker.batching import run_stylize
 
 log = logging.getLogger(__name__)
 settings = settings_of(app)
 
 CANCELLED_REASON = "cancelled by its producer"
+# Test-only hook (tests/service/test_faults.py): the stylize task of the job with this id kills
+# its own process, the way a poison input that crashes a driver would.
+TEST_CRASH_ENV = "STYLEQUEUE_TEST_CRASH_ON"
 
 
 class JobTask(Task):
@@ -130,6 +135,8 @@ def stylize(self: JobTask, message: dict[str, Any], step: int = 0) -> dict[str, 
     if _finished(store, paths) is not None:
         return {"job_id": spec.job_id, "step": step, "already_done": True}
     self.check_cancelled(spec.job_id)
+    if os.environ.get(TEST_CRASH_ENV) == spec.job_id:
+        os.kill(os.getpid(), signal.SIGKILL)  # test-only: a poison job that kills its worker process
     job_config = spec.style_config()
     steps = len(runtime.step_sizes(job_config))
     preview_every, checkpoint_every = spec.cadence(settings)
@@ -148,9 +155,9 @@ def stylize(self: JobTask, message: dict[str, Any], step: int = 0) -> dict[str, 
         scale_offset=step, num_scales=steps, iteration_offset=step * config.iterations,
         total=steps * config.iterations,
     )
-    result = engine.stylize(
+    result = run_stylize(
         content, styles, config, model=runtime.model_for(settings, config.pooling, spec.weights),
-        callback=reporter, should_stop=poller, resume=resume,
+        settings=settings, store=store, callback=reporter, should_stop=poller, resume=resume,
         on_checkpoint=lambda state: runtime.write_state(store, paths.checkpoint, state),
     )
     if result.stopped:
@@ -158,6 +165,7 @@ def stylize(self: JobTask, message: dict[str, Any], step: int = 0) -> dict[str, 
     # The final state is what the next step carries up (and what a redelivery resumes from).
     runtime.write_state(store, paths.checkpoint, result.state)
     metadata = {**result.metadata(), "step": step, "size": config.size, "started_from": how,
+                "resumed_from_iteration": resume.iteration if how == "resumed" and resume else None,
                 "worker": self.request.hostname}
     store.put_bytes(paths.step_metadata(step), json.dumps(metadata).encode(), "application/json")
     if step == steps - 1:
@@ -203,8 +211,8 @@ def publish(self: JobTask, message: dict[str, Any]) -> dict[str, Any]:
 
 
 def _step_record(meta: dict[str, Any]) -> dict[str, Any]:
-    return {k: meta.get(k) for k in ("step", "size", "width", "height", "iterations_done",
-                                     "started_from", "worker", "timings")}
+    return {k: meta.get(k) for k in ("step", "size", "width", "height", "iterations_done", "started_from",
+                                     "resumed_from_iteration", "batch_size", "worker", "timings")}
 
 
 def _relevant_settings() -> dict[str, Any]:

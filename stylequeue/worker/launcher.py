@@ -111,13 +111,21 @@ def plan_workers(
     queues: list[str] | None = None,
     concurrency_light: int = 2,
     loglevel: str = "INFO",
+    batch: int | None = None,
 ) -> list[WorkerProcess]:
     """The worker processes to start: one per GPU (or one CPU worker) and the light worker.
 
     The GPU workers use the prefork pool with one child, not ``solo``: prefork enforces the soft
     and hard time limits and re-queues a job whose process dies, and CUDA is first touched in
-    the child, after the fork.
+    the child, after the fork. With ``batch`` N > 1 (default: ``settings.batch_max``) a GPU
+    worker instead runs a threads pool of N task threads whose stylize steps share one GPU
+    thread in batches (:mod:`stylequeue.worker.batching`, which enforces the time limit itself).
     """
+    batch = settings.batch_max if batch is None else batch
+    if batch < 1:
+        raise ConfigError(f"--batch must be at least 1, got {batch}")
+    gpu_pool, gpu_concurrency = ("threads", batch) if batch > 1 else ("prefork", 1)
+    gpu_env = {"STYLEQUEUE_BATCH_MAX": str(batch)}
     queues = queues or [settings.gpu_queue, settings.light_queue]
     unknown = set(queues) - {settings.gpu_queue, settings.light_queue}
     if unknown:
@@ -130,12 +138,12 @@ def plan_workers(
         if gpus:
             for position, gpu in enumerate(gpus):
                 name = f"gpu{gpu if gpu.isdigit() else position}"  # a UUID would make a poor hostname
-                argv = _celery_argv(settings.gpu_queue, f"{name}@%h", 1, loglevel, "prefork")
-                procs.append(WorkerProcess(name, argv, {"CUDA_VISIBLE_DEVICES": gpu}))
+                argv = _celery_argv(settings.gpu_queue, f"{name}@%h", gpu_concurrency, loglevel, gpu_pool)
+                procs.append(WorkerProcess(name, argv, {**gpu_env, "CUDA_VISIBLE_DEVICES": gpu}))
         else:
             # No GPU: hide any CUDA devices so "auto" resolves to the CPU in the child too.
-            argv = _celery_argv(settings.gpu_queue, "cpu0@%h", 1, loglevel, "prefork")
-            procs.append(WorkerProcess("cpu0", argv, {"CUDA_VISIBLE_DEVICES": ""}))
+            argv = _celery_argv(settings.gpu_queue, "cpu0@%h", gpu_concurrency, loglevel, gpu_pool)
+            procs.append(WorkerProcess("cpu0", argv, {**gpu_env, "CUDA_VISIBLE_DEVICES": ""}))
     if settings.light_queue in queues and concurrency_light > 0:
         argv = _celery_argv(settings.light_queue, "light@%h", concurrency_light, loglevel, "prefork")
         procs.append(WorkerProcess("light", argv, {"CUDA_VISIBLE_DEVICES": ""}))
@@ -202,10 +210,12 @@ def run_workers(
     queues: list[str] | None = None,
     concurrency_light: int = 2,
     loglevel: str = "INFO",
+    batch: int | None = None,
 ) -> int:
     """Start the workers for this machine and wait for them; returns the exit code."""
     gpu_ids = parse_gpus(gpus)
     procs = plan_workers(
-        settings, gpu_ids, queues=queues, concurrency_light=concurrency_light, loglevel=loglevel
+        settings, gpu_ids, queues=queues, concurrency_light=concurrency_light, loglevel=loglevel,
+        batch=batch,
     )
     return Supervisor(procs).run()

@@ -48,7 +48,8 @@ def test_plan_one_process_per_gpu_with_its_own_device() -> None:
     procs = plan_workers(Settings(), ["0", "3"], concurrency_light=2)
     assert [p.name for p in procs] == ["gpu0", "gpu3", "light"]
     gpu0, gpu3, light = procs
-    assert gpu0.env == {"CUDA_VISIBLE_DEVICES": "0"} and gpu3.env == {"CUDA_VISIBLE_DEVICES": "3"}
+    assert gpu0.env == {"CUDA_VISIBLE_DEVICES": "0", "STYLEQUEUE_BATCH_MAX": "1"}
+    assert gpu3.env["CUDA_VISIBLE_DEVICES"] == "3"
     for proc, host in ((gpu0, "gpu0@%h"), (gpu3, "gpu3@%h")):
         argv = proc.argv
         assert argv[argv.index("-Q") + 1] == "gpu"
@@ -65,7 +66,13 @@ def test_plan_without_gpus_is_one_cpu_worker_and_queues_can_be_chosen() -> None:
     assert [p.name for p in procs] == ["cpu0"]
     assert procs[0].argv[procs[0].argv.index("-n") + 1] == "cpu0@%h"
     uuid_worker = plan_workers(Settings(), ["GPU-a1b2"], queues=["gpu"])[0]
-    assert uuid_worker.name == "gpu0" and uuid_worker.env == {"CUDA_VISIBLE_DEVICES": "GPU-a1b2"}
+    assert uuid_worker.name == "gpu0" and uuid_worker.env["CUDA_VISIBLE_DEVICES"] == "GPU-a1b2"
+    batched = plan_workers(Settings(), ["0"], queues=["gpu"], batch=4)[0]
+    assert batched.argv[batched.argv.index("--pool") + 1] == "threads"
+    assert batched.argv[batched.argv.index("--concurrency") + 1] == "4"
+    assert batched.env["STYLEQUEUE_BATCH_MAX"] == "4"
+    with pytest.raises(ConfigError, match="--batch"):
+        plan_workers(Settings(), ["0"], batch=0)
     with pytest.raises(ConfigError, match="unknown queue"):
         plan_workers(Settings(), [], queues=["gpu", "video"])
 

@@ -92,6 +92,20 @@ def _ok(fs: Stack, timeout: float = 120) -> None:
 
 # --- worker death ------------------------------------------------------------------------------
 
+def test_dead_workers_jobs_are_swept_soon_after_the_visibility_timeout() -> None:
+    """kombu's default sweep for dead workers' messages runs about every 100 s; ours follows the
+    visibility timeout (an eighth of it, 1 to 60 s), so redelivery waits little past the timeout."""
+    from stylequeue.settings import Settings
+    from stylequeue.tasks.app import celery_config
+
+    for timeout, interval in ((16, 2), (7200, 60), (9, 1)):
+        settings = Settings(broker_url="redis://127.0.0.1:1/0", visibility_timeout=timeout,
+                            job_time_limit=timeout - 1, job_soft_time_limit=timeout - 2)
+        options = celery_config(settings)["broker_transport_options"]
+        assert options["unacked_restore_interval"] == interval
+        assert options["unacked_restore_throttle"] == 1
+
+
 def test_sigkill_of_a_whole_worker_mid_job_redelivers_and_resumes(fs: Stack) -> None:
     """The node failure: the worker's main process is SIGKILLed mid-job (its pool child dies with
     it). The message stays in kombu's unacked hash; after the visibility timeout another worker
@@ -228,5 +242,5 @@ def test_a_poison_job_stops_after_max_deliveries_and_others_complete(fs: Stack) 
     for job in others:
         assert job.wait(timeout=120)["status"] == "succeeded"
     assert all(w.running for w in fs.workers)
-    crashes = fs.all_logs().count("WorkerLostError")
+    crashes = fs.all_logs().count("exited with 'exitcode 70'")  # the hook's exit code
     assert crashes == 3, crashes

@@ -93,6 +93,16 @@ def test_another_bucket_is_refused_by_scheduler_and_worker(ss: Stack) -> None:
         ss.s3_server.remove_bucket(other)
 
 
+def test_a_jobs_weights_uri_is_checked_against_the_allow_list_in_the_worker(ss: Stack) -> None:
+    """model_for (the worker's model cache) refuses a job's weights outside the allowed prefixes,
+    before any request: the weights fetcher allows only the deployment's own weights URI."""
+    from stylequeue.exceptions import AccessDeniedError
+    from stylequeue.tasks import runtime
+
+    with pytest.raises(AccessDeniedError, match="outside the storage this deployment allows"):
+        runtime.model_for(ss.settings, "max", "s3://someone-elses-bucket/vgg19.pth")
+
+
 def test_credentials_never_appear_in_logs_args_results_or_objects(ss: Stack) -> None:
     secrets = [ss.s3_server.secret_key, ss.s3_server.access_key, REDIS_PASSWORD]
     job = submit(job_spec(ss.content, ss.style), app=ss.app)

@@ -7,14 +7,45 @@
     results = stylize_batch([BatchItem(c, [style]) for c in contents], cfg, model=model)  # same size
 """
 
-from stylequeue.engine.config import StyleConfig
-from stylequeue.engine.losses import ContentLoss, StyleLoss, StyleTransferLoss, TVLoss, gram_matrix
-from stylequeue.engine.presets import PRESETS, preset
-from stylequeue.engine.state import OptimState
-from stylequeue.engine.stylize import Progress, StyleResult, scale_sizes, stylize
-from stylequeue.engine.batch import BatchItem, stylize_batch, stylize_many  # after stylize: it builds on it
-from stylequeue.engine.targets import LruTargetCache, TargetCache, style_target_key
-from stylequeue.engine.vgg import LAYER_NAMES, VGGFeatures
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> defining module. Imported on first use (PEP 562), so a producer that only
+# validates a job spec (config, presets, layer names) never pays for importing torch.
+_EXPORTS: dict[str, str] = {
+    "StyleConfig": "config",
+    "PRESETS": "presets",
+    "preset": "presets",
+    "LAYER_NAMES": "layers",
+    "ContentLoss": "losses",
+    "StyleLoss": "losses",
+    "StyleTransferLoss": "losses",
+    "TVLoss": "losses",
+    "gram_matrix": "losses",
+    "OptimState": "state",
+    "Progress": "stylize",
+    "StyleResult": "stylize",
+    "scale_sizes": "stylize",
+    "stylize": "stylize",
+    "BatchItem": "batch",
+    "stylize_batch": "batch",
+    "stylize_many": "batch",
+    "LruTargetCache": "targets",
+    "TargetCache": "targets",
+    "style_target_key": "targets",
+    "VGGFeatures": "vgg",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'stylequeue.engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"stylequeue.engine.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BatchItem",

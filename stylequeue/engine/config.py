@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from stylequeue.engine.vgg import POOLINGS, check_layers
+from stylequeue.engine.layers import POOLINGS, check_layers
 from stylequeue.exceptions import ConfigError
 
 OPTIMIZERS = ("adam", "lbfgs")

@@ -5,6 +5,7 @@ from stylequeue.scheduler import submit
 job = submit({"job_id": "cat-1", "content": "s3://in/cat.jpg", "styles": ["s3://in/wave.jpg"]})
 job.progress()            # {"iteration": 40, "total": 300, "eta_s": 12.5, "losses": {...}} or None
 job.wait(timeout=600)     # {"status": "succeeded", "result_uri": ..., "metadata_uri": ...}
+job.presigned_url(3600)   # a link to the result image that expires
 job.cancel()
 ```
 
@@ -154,6 +155,20 @@ class JobHandle:
                     "check that a worker consumes its queue (stylequeue worker)"
                 )
             time.sleep(poll_s)
+
+    def presigned_url(self, expires_s: int = 3600) -> str:
+        """A link anyone can GET the result image from, for ``expires_s`` seconds (``s3://`` only).
+
+        Share results without sharing credentials; the link stops working when it expires.
+        Raises :class:`JobFailedError` while the job has not succeeded.
+        """
+        from stylequeue.storage import open_storage
+
+        status = self.status()
+        if status is not JobStatus.SUCCEEDED:
+            raise JobFailedError(f"job {self.job_id} has no result to share yet ({status.value})",
+                                 job_id=self.job_id, status=status.value)
+        return open_storage(settings_of(self.app)).presign(self.result_uri, expires_s)
 
     def cancel(self) -> None:
         """Ask the job to stop: a queued task is dropped, a running optimisation stops within

@@ -71,6 +71,18 @@ def _check_limits(settings: Settings) -> None:
         )
 
 
+def _restore_options(settings: Settings) -> dict[str, int]:
+    """How often workers sweep Redis for messages of dead workers (docs/reliability.md).
+
+    A worker killed outright leaves its job in kombu's ``unacked`` hash; a live worker puts it
+    back on the queue once it is older than the visibility timeout, but only when its periodic
+    sweep runs: by default every 10 s x a throttle of 10. Sweeping every eighth of the visibility
+    timeout (1 to 60 s, throttle 1) bounds the extra wait to a fraction of the timeout itself.
+    """
+    return {"unacked_restore_interval": max(1, min(60, settings.visibility_timeout // 8)),
+            "unacked_restore_throttle": 1}
+
+
 def _queues(settings: Settings) -> tuple[Queue, Queue]:
     # x-max-priority matters on AMQP brokers; Redis uses priority_steps below instead.
     return tuple(
@@ -112,7 +124,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     backend_url = settings.resolved_result_backend
     broker_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
     if _is_redis(broker_url):
-        broker_options.update(queue_order_strategy="priority", priority_steps=PRIORITY_STEPS)
+        broker_options.update(queue_order_strategy="priority", priority_steps=PRIORITY_STEPS,
+                              **_restore_options(settings))
     if broker_url.startswith("filesystem://"):
         broker_options.update(_filesystem_broker_options(settings))
     if backend_url.startswith("file://"):
@@ -141,6 +154,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.job_time_limit,
         "task_track_started": True,
         "result_expires": settings.result_expires,
+        # A Redis restart must not lose a state write (a job would look RUNNING forever, or a
+        # task terminated on connection loss would look REVOKED): retry them until it is back.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
         "result_extended": True,
         # Events for Flower: task-sent from producers, the rest (and task-progress) from workers.
         "worker_send_task_events": True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any, Protocol, Sequence
 from celery import Celery
 
 from stylequeue.exceptions import ConfigError
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "stylequeue-"
 
@@ -180,5 +183,10 @@ class CancelPoller:
         now = time.monotonic()
         if not self.cancelled and now - self._checked_at >= self.interval_s:
             self._checked_at = now
-            self.cancelled = self.control.is_cancelled(self.job_id)
+            try:
+                self.cancelled = self.control.is_cancelled(self.job_id)
+            except Exception as exc:  # noqa: BLE001 - redis-py's and the file store's errors alike
+                # The backend is briefly unreachable (a Redis restart): a cancel flag cannot be
+                # read, which is no reason to fail a running job; ask again at the next poll.
+                log.warning("cannot read the cancel flag of %s (%s); will ask again", self.job_id, exc)
         return self.cancelled

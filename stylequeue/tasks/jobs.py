@@ -125,6 +125,7 @@ def validate(self: JobTask, message: dict[str, Any]) -> dict[str, Any]:
         sizes[uri] = [image.width, image.height]
     # The output has the content's aspect ratio at the job's size: check it before a GPU is taken.
     check_output_pixels(fit_longest(tuple(sizes[spec.content]), config.size), settings.max_pixels)
+    runtime.check_step_sizes(spec.content, tuple(sizes[spec.content]), config)
     return {"job_id": spec.job_id, "inputs": sizes, "steps": len(runtime.step_sizes(config))}
 
 

@@ -20,9 +20,11 @@ from PIL import Image
 
 from stylequeue.engine import OptimState, StyleConfig, VGGFeatures, scale_sizes
 from stylequeue.engine.device import resolve_device
-from stylequeue.engine.images import encode_image, load_image, resize_longest
+from stylequeue.engine.images import encode_image, fit_longest, load_image, resize_longest
 from stylequeue.engine.optim import carry_optimizer_state, make_optimizer, resize_image
+from stylequeue.engine.vgg import LAYER_INDEX, check_input_size
 from stylequeue.engine.weights import load_weights
+from stylequeue.exceptions import ConfigError
 from stylequeue.settings import Settings
 from stylequeue.storage import install_weights_fetchers, open_storage
 
@@ -59,7 +61,9 @@ def model_for(settings: Settings, pooling: str, weights: str | None = None) -> V
             log.info("loading VGG19 weights %s (%s pooling) on %s", source, pooling, device)
             if source.startswith("s3://"):
                 # Pulled once through storage (endpoint, credentials, retries), then cached on disk.
-                install_weights_fetchers(settings.replace(weights=source))
+                # The fetcher allows the deployment's own weights URI; a job's URI must lie under
+                # the allowed prefixes like any other input (JobSpec checks it too: belt and braces).
+                install_weights_fetchers(settings).check(source)
             loaded = load_weights(source, sha256=sha256 or None, cache_dir=settings.resolved_weights_cache_dir)
             model = _models[key] = VGGFeatures.from_weights(loaded, pooling=pooling, device=device)
         return model
@@ -88,6 +92,19 @@ def write_state(store: Any, uri: str, state: OptimState) -> None:
 def step_sizes(config: StyleConfig) -> list[int]:
     """Longest side of each chain step, coarse to fine (one entry for a single-scale job)."""
     return scale_sizes(config.size, config.min_size, config.scales)
+
+
+def check_step_sizes(uri: str, content_size: tuple[int, int], config: StyleConfig) -> None:
+    """ConfigError naming ``uri`` when a step's image would be too small for VGG's deepest layer
+    (an extreme aspect ratio: 2000x4 at 32 px is 32x1), found at validation, before a GPU is taken."""
+    layers = [*config.content_layers, *config.style_layers]
+    deepest = max(layers, key=LAYER_INDEX.__getitem__)
+    for size in step_sizes(config):
+        width, height = fit_longest(content_size, size)
+        try:
+            check_input_size((height, width), deepest)
+        except ConfigError as exc:
+            raise ConfigError(f"{uri}: {exc}") from None
 
 
 def step_config(config: StyleConfig, step: int, settings: Settings, checkpoint_every: int) -> StyleConfig:

@@ -80,7 +80,8 @@ def batch_signature(config: StyleConfig) -> dict[str, Any]:
 
 def output_sizes(content_size: tuple[int, int], config: StyleConfig) -> tuple[tuple[int, int], ...]:
     """(width, height) of the optimised image at each scale, coarse to fine: what must match."""
-    return tuple(fit_longest(content_size, s) for s in scale_sizes(config.size, config.min_size, config.scales))
+    sizes = scale_sizes(config.size, config.min_size, config.scales)
+    return tuple(fit_longest(content_size, s) for s in sizes)
 
 
 def stylize_batch(
@@ -193,7 +194,8 @@ def _check_same_shape(members: Sequence[_Member]) -> None:
 
 def _run_scale_batch(members: list[_Member], index: int) -> None:
     """The inner loop for one scale, all items at once; finished or stopped items drop out."""
-    active = [m for m in members if m.run is not None and m.run.iteration < (index + 1) * m.job.config.iterations]
+    end = (index + 1) * members[0].job.config.iterations  # the items share ``iterations``
+    active = [m for m in members if m.run is not None and m.run.iteration < end]
     objective: StyleTransferLoss | None = None
     while active:
         still = [m for m in active if not _stopped(m)]
@@ -207,7 +209,7 @@ def _run_scale_batch(members: list[_Member], index: int) -> None:
         for m in active:
             assert m.scale is not None and m.run is not None
             _after_step(m.job, m.scale, m.run, m.item.callback, m.item.on_checkpoint)
-        active = [m for m in active if m.run is not None and m.run.iteration < (index + 1) * m.job.config.iterations]
+        active = [m for m in active if m.run is not None and m.run.iteration < end]
 
 
 def _stopped(m: _Member) -> bool:

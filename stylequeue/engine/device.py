@@ -92,7 +92,10 @@ def autocast(plan: ExecutionPlan) -> ContextManager[object]:
     return torch.autocast(device_type=plan.device.type, dtype=plan.autocast_dtype)
 
 
-_compiled: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Callable[..., Any]]]" = weakref.WeakKeyDictionary()
+# model -> {compile mode: compiled module}; weak, so a dropped model frees its compiled kernels.
+_compiled: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Callable[..., Any]]]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def forward_of(model: torch.nn.Module, plan: ExecutionPlan) -> Callable[..., Any]:

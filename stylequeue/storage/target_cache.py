@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ class StorageTargetCache:
     Counters (``memory_hits``, ``storage_hits``, ``misses``) feed logs and tests.
     """
 
-    def __init__(self, store: object, root: str, memory: LruTargetCache | None = None) -> None:
+    def __init__(self, store: Any, root: str, memory: LruTargetCache | None = None) -> None:
         self.store = store
         self.root = root.rstrip("/")
         self.memory = memory if memory is not None else LruTargetCache()
@@ -66,14 +67,14 @@ class StorageTargetCache:
         buffer = io.BytesIO()
         torch.save({name: t.detach().to("cpu", copy=True) for name, t in value.items()}, buffer)
         try:
-            self.store.put_bytes(self.uri(key), buffer.getvalue(), "application/octet-stream")  # type: ignore[attr-defined]
+            self.store.put_bytes(self.uri(key), buffer.getvalue(), "application/octet-stream")
         except StorageError as exc:
             log.warning("style target %s not stored (%s); other workers will compute it again", key[:12], exc)
 
     def _load(self, key: str) -> Targets | None:
         uri = self.uri(key)
         try:
-            data = self.store.get_bytes(uri)  # type: ignore[attr-defined]
+            data = self.store.get_bytes(uri)
         except ObjectNotFoundError:
             return None
         except StorageError as exc:
@@ -91,7 +92,7 @@ class StorageTargetCache:
         return value
 
 
-def open_target_cache(settings: Settings, store: object) -> StorageTargetCache | LruTargetCache | None:
+def open_target_cache(settings: Settings, store: Any) -> StorageTargetCache | LruTargetCache | None:
     """The cache a worker uses: memory (``target_cache_mb``) and, if enabled, storage; None if off."""
     if settings.target_cache_mb <= 0 and not settings.target_cache_storage:
         return None

@@ -132,6 +132,7 @@ def validate(self: JobTask, message: dict[str, Any]) -> dict[str, Any]:
 @app.task(bind=True, base=JobTask, name=TASK_STYLIZE)
 def stylize(self: JobTask, message: dict[str, Any], step: int = 0) -> dict[str, Any]:
     """GPU queue: one scale of the optimisation, resumable from the job's checkpoint."""
+    started = time.monotonic()  # a batched step's deadline counts from here, as a time limit would
     spec, paths, store = _load(message)
     if _finished(store, paths) is not None:
         return {"job_id": spec.job_id, "step": step, "already_done": True}
@@ -159,7 +160,7 @@ def stylize(self: JobTask, message: dict[str, Any], step: int = 0) -> dict[str, 
     result = run_stylize(
         content, styles, config, model=runtime.model_for(settings, config.pooling, spec.weights),
         settings=settings, store=store, callback=reporter, should_stop=poller, resume=resume,
-        on_checkpoint=lambda state: runtime.write_state(store, paths.checkpoint, state),
+        on_checkpoint=lambda state: runtime.write_state(store, paths.checkpoint, state), started=started,
     )
     if result.stopped:
         self.cancel_now(spec.job_id)

@@ -58,12 +58,12 @@ class GpuJob:
         return self.cancelled.is_set() or self.mailbox.failed.is_set() or time.monotonic() > self.deadline
 
     def item(self) -> BatchItem:
-        box, callback, on_checkpoint = self.mailbox, self.callback, self.on_checkpoint
+        box, callback, checkpoint = self.mailbox, self.callback, self.on_checkpoint
         return BatchItem(
             content=self.content, styles=self.styles, init_image=self.init_image, config=self.config,
             callback=(lambda p: box.post(lambda: callback(p))) if callback is not None else None,
             should_stop=self.should_stop, resume=self.resume,
-            on_checkpoint=(lambda s: box.post(lambda: on_checkpoint(s))) if on_checkpoint is not None else None,
+            on_checkpoint=(lambda s: box.post(lambda: checkpoint(s))) if checkpoint is not None else None,
         )
 
 

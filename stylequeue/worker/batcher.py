@@ -162,6 +162,8 @@ class Batcher(Generic[J, R]):
 
     def _run(self, batch: list[_Waiting[J]]) -> None:
         self.sizes.append(len(batch))
+        waited = time.monotonic() - batch[0].arrived
+        log.info("running a batch of %d job(s); the first waited %.3f s", len(batch), waited)
         try:
             outcomes = list(self.run_batch([w.job for w in batch]))
             if len(outcomes) != len(batch):

@@ -65,6 +65,17 @@ def test_batch_of_three_matches_solo_runs(model_avg: VGGFeatures, jobs) -> None:
     assert _max_diff(batch[0].state.image, batch[1].state.image) > 0.01
 
 
+def test_multi_scale_batch_matches_solo_runs(model_avg: VGGFeatures, jobs) -> None:
+    """Every scale carries each item's own image and Adam moments up, as a single job does."""
+    cfg = preset("default", **{**FAST, "iterations": 3}, scales=2, min_size=16)
+    solo = [stylize(c, [s], cfg, model=model_avg) for c, s in jobs[:2]]
+    batch = stylize_batch([BatchItem(c, [s]) for c, s in jobs[:2]], cfg, model=model_avg)
+    for alone, together in zip(solo, batch):
+        assert together.state.scale_index == 1 and together.state.iteration == 6
+        assert together.image.size == (32, 21)
+        assert _max_diff(alone.state.image, together.state.image) < TOLERANCE
+
+
 def test_seed_and_blend_may_differ_within_a_batch(model_avg: VGGFeatures, jobs) -> None:
     cfg = preset("default", **FAST, init="noise", seed=1)
     other = cfg.replace(seed=2)

@@ -24,7 +24,7 @@ from stylequeue.engine.images import fit_longest
 from stylequeue.engine.losses import ContentLoss, LossTerms, StyleLoss, StyleTransferLoss
 from stylequeue.engine.memory import fit_batch_size
 from stylequeue.engine.state import OptimState
-from stylequeue.engine.stylize import (  # the single-job building blocks, shared on purpose
+from stylequeue.engine.transfer import (  # the single-job building blocks, shared on purpose
     Progress,
     StyleResult,
     _after_step,

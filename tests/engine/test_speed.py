@@ -14,7 +14,7 @@ from stylequeue.engine.device import ExecutionPlan, forward_of, plan_execution
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.exceptions import ConfigError
 
-stylize_module = importlib.import_module("stylequeue.engine.stylize")  # the package exports stylize()
+stylize_module = importlib.import_module("stylequeue.engine.transfer")  # the package exports stylize()
 # Functions that run every iteration. _report (progress points) is where losses come to the host.
 INNER_LOOP = [
     stylize_module._run_scale, stylize_module._after_step, stylize_module._evaluator,

@@ -57,7 +57,10 @@ def parse_spec(spec: JobSpec | Mapping[str, Any], settings: Settings | None = No
 def build_chain(app: Celery, spec: JobSpec, steps: int, ids: list[str]) -> Signature:
     """The job's chain; every signature is immutable: each task gets the spec message itself."""
     message = spec.message()
-    options = {"priority": spec.priority} if spec.priority is not None else {}
+    # Explicit even for the default: a task sent by name from a producer does not get
+    # task_default_priority (only tasks sent from inside a worker do), so it would land at 0.
+    priority = spec.priority if spec.priority is not None else app.conf.task_default_priority
+    options = {"priority": priority}
     names = [TASK_VALIDATE, *([TASK_STYLIZE] * steps), TASK_PUBLISH]
     kwargs: list[dict[str, Any]] = [{}, *({"step": k} for k in range(steps)), {}]
     return chain(

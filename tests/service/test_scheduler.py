@@ -225,3 +225,19 @@ def test_beat_sends_the_periodic_tasks(service, images, tmp_path) -> None:
         beat.wait(timeout=30)
         log.close()
     assert "stylequeue.scan_manifests" in (tmp_path / "beat.log").read_text()
+
+
+def test_chain_steps_carry_the_default_priority_unless_the_spec_sets_one(tmp_path) -> None:
+    """A producer's send_task does not apply task_default_priority by itself (a worker's does):
+    without an explicit priority the job would jump every queue at priority 0."""
+    from stylequeue.job import JobSpec
+    from stylequeue.scheduler.jobs import build_chain, task_ids
+    from stylequeue.settings import load_settings
+    from stylequeue.tasks.app import make_app
+
+    app = make_app(load_settings(environ={"STYLEQUEUE_DATA_DIR": str(tmp_path)}))
+    base = {"content": "s3://b/c.png", "styles": ["s3://b/s.png"], "job_id": "prio"}
+    default = build_chain(app, JobSpec.parse(base), 1, task_ids("prio", 1))
+    assert [sig.options["priority"] for sig in default.tasks] == [app.conf.task_default_priority] * 3
+    urgent = build_chain(app, JobSpec.parse({**base, "priority": 0}), 1, task_ids("prio", 1))
+    assert [sig.options["priority"] for sig in urgent.tasks] == [0, 0, 0]

@@ -120,7 +120,7 @@ def step_config(config: StyleConfig, step: int, settings: Settings, checkpoint_e
 
 def _same_run(state: OptimState, config: StyleConfig) -> bool:
     """Did ``state`` come from a run of exactly ``config`` (cadence and device aside)?"""
-    free = ("device", "precision", "progress_every", "checkpoint_every")
+    free = ("device", "precision", "compile", "progress_every", "checkpoint_every")
     mine = {k: v for k, v in config.to_dict().items() if k not in free}
     theirs = {k: v for k, v in state.config.items() if k not in free}
     return mine == theirs

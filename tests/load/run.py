@@ -49,7 +49,8 @@ class LoadReport:
         mib = 1024 * 1024
         rows = [
             ("jobs submitted", self.jobs), ("GPU workers", self.gpu_workers),
-            ("submit time", f"{self.submit_s:.1f} s"), ("duration (submit to last result)", f"{self.duration_s:.1f} s"),
+            ("submit time", f"{self.submit_s:.1f} s"),
+            ("duration (submit to last result)", f"{self.duration_s:.1f} s"),
             ("throughput", f"{self.jobs_per_min:.0f} jobs/min"), ("succeeded", self.succeeded),
             ("failed", self.failed), ("lost (no result.json)", self.lost),
             ("done twice (result.json versions > 1)", self.duplicates),
@@ -150,7 +151,8 @@ def run_load(jobs: int = 500, gpu_workers: int = 2, result_expires: int = 60,
     report = LoadReport(jobs=jobs, gpu_workers=gpu_workers, result_expires_s=result_expires)
     tmp = tmp or Path(tempfile.mkdtemp(prefix="stylequeue-load-"))
     env = {"STYLEQUEUE_RESULT_EXPIRES": str(result_expires), "STYLEQUEUE_CHECKPOINT_EVERY": "0"}
-    with S3Server() as s3, start_stack(s3, tmp, gpu_workers=gpu_workers, versioned=True, extra_env=env) as stack:
+    with S3Server() as s3, start_stack(s3, tmp, gpu_workers=gpu_workers, versioned=True,
+                                       extra_env=env) as stack:
         content = stack.put_png("in/content.png", (48, 32), 1)
         style = stack.put_png("in/style.png", (40, 40), 2)
         broker = stack.redis.client(0)

@@ -122,7 +122,8 @@ def _fields(**changes: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
 def spec_cases(bucket: str) -> list[SpecCase]:
     """Specs refused at submit. ``bucket`` is the deployment's (allowed) bucket."""
     return [
-        SpecCase("unknown-scheme", _fields(content="ftp://example.com/cat.png"), "unsupported URI scheme 'ftp'"),
+        SpecCase("unknown-scheme", _fields(content="ftp://example.com/cat.png"),
+                 "unsupported URI scheme 'ftp'"),
         SpecCase("no-scheme", _fields(content="cat.png"), "is not a storage URI"),
         SpecCase("file-dotdot", _fields(content="file:///tmp/stylequeue/../../etc/passwd"),
                  "outside the storage this deployment allows"),

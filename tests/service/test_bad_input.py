@@ -80,7 +80,8 @@ def test_bad_files_fail_clearly_good_odd_files_work_and_the_workers_stay_up(bs: 
             problems.append(f"{case.name}: result is {image.size} {image.mode}")
     assert not problems, "\n".join(problems) + "\n" + bs.logs()
 
-    for job, expect in ((missing_key, "no object at"), (missing_bucket, f"bucket {MISSING_BUCKET!r} does not exist")):
+    missing = ((missing_key, "no object at"), (missing_bucket, f"bucket {MISSING_BUCKET!r} does not exist"))
+    for job, expect in missing:
         with pytest.raises(JobFailedError, match="ObjectNotFoundError") as info:
             job.wait(timeout=60)
         assert expect in str(info.value) and job.status() is JobStatus.FAILED

@@ -262,5 +262,6 @@ def test_a_poison_job_stops_after_max_deliveries_and_others_complete(fs: Stack) 
     assert all(w.running for w in fs.workers)
     logs = _logs_since(fs, marks)
     assert logs.count(f"stylequeue.stylize[{poison.task_ids[1]}] received") == 4  # 3 deaths + the refusal
-    crashes = [line for line in logs.splitlines() if "Process 'ForkPoolWorker" in line and "exited with" in line]
+    crashes = [line for line in logs.splitlines()
+               if "Process 'ForkPoolWorker" in line and "exited with" in line]
     assert len(crashes) >= 3, crashes

@@ -85,7 +85,8 @@ def test_another_bucket_is_refused_by_scheduler_and_worker(ss: Stack) -> None:
         # A message put on the queue by hand, skipping the scheduler: the worker re-validates.
         for task, message in ((TASK_VALIDATE, spec), (TASK_STYLIZE, {**job_spec(ss.content, ss.style),
                                                                      "weights": f"s3://{other}/vgg19.pth"})):
-            result = ss.app.send_task(task, args=(message,), task_id=f"{message['job_id']}.{uuid.uuid4().hex[:4]}")
+            task_id = f"{message['job_id']}.{uuid.uuid4().hex[:4]}"
+            result = ss.app.send_task(task, args=(message,), task_id=task_id)
             wait_for(lambda: result.state == "FAILURE", 60, f"{task} to refuse", logs=ss.logs)
             assert "outside the storage this deployment allows" in str(result.result)
         ss.s3.head_object(Bucket=other, Key="secret.png")  # untouched

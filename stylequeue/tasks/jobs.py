@@ -133,6 +133,7 @@ def validate(self: JobTask, message: dict[str, Any]) -> dict[str, Any]:
 def stylize(self: JobTask, message: dict[str, Any], step: int = 0) -> dict[str, Any]:
     """GPU queue: one scale of the optimisation, resumable from the job's checkpoint."""
     started = time.monotonic()  # a batched step's deadline counts from here, as a time limit would
+    started_at = time.time()  # wall clock, for queue latency and per-job overhead (bench/service_bench.py)
     spec, paths, store = _load(message)
     if _finished(store, paths) is not None:
         return {"job_id": spec.job_id, "step": step, "already_done": True}
@@ -157,18 +158,22 @@ def stylize(self: JobTask, message: dict[str, Any], step: int = 0) -> dict[str, 
         scale_offset=step, num_scales=steps, iteration_offset=step * config.iterations,
         total=steps * config.iterations,
     )
+    engine_started_at = time.time()
     result = run_stylize(
         content, styles, config, model=runtime.model_for(settings, config.pooling, spec.weights),
         settings=settings, store=store, callback=reporter, should_stop=poller, resume=resume,
         on_checkpoint=lambda state: runtime.write_state(store, paths.checkpoint, state), started=started,
     )
+    engine_finished_at = time.time()
     if result.stopped:
         self.cancel_now(spec.job_id)
     # The final state is what the next step carries up (and what a redelivery resumes from).
     runtime.write_state(store, paths.checkpoint, result.state)
     metadata = {**result.metadata(), "step": step, "size": config.size, "started_from": how,
                 "resumed_from_iteration": resume.iteration if how == "resumed" and resume else None,
-                "worker": self.request.hostname}
+                "worker": self.request.hostname,
+                "clock": {"started_at": started_at, "engine_started_at": engine_started_at,
+                          "engine_finished_at": engine_finished_at}}
     store.put_bytes(paths.step_metadata(step), json.dumps(metadata).encode(), "application/json")
     if step == steps - 1:
         store.put_bytes(paths.work_image, runtime.image_bytes(result.image), "image/png")
@@ -214,7 +219,7 @@ def publish(self: JobTask, message: dict[str, Any]) -> dict[str, Any]:
 
 def _step_record(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: meta.get(k) for k in ("step", "size", "width", "height", "iterations_done", "started_from",
-                                     "resumed_from_iteration", "batch_size", "worker", "timings")}
+                                     "resumed_from_iteration", "batch_size", "worker", "timings", "clock")}
 
 
 def _relevant_settings() -> dict[str, Any]:

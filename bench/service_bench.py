@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", default="48x5", help="SIZExITERATIONS of the small jobs (queue cost visible)")
     p.add_argument("--real", default="128x20", help="SIZExITERATIONS of the 'realistic small' jobs")
     p.add_argument("--tiny-jobs", type=int, default=40, help="small jobs per burst")
-    p.add_argument("--real-jobs", type=int, default=12, help="realistic jobs per burst")
+    p.add_argument("--real-jobs", type=int, default=8, help="realistic jobs per burst")
     p.add_argument("--idle-jobs", type=int, default=8, help="small jobs run one at a time (latency)")
     p.add_argument("--workers", default="1,2", help="GPU-queue worker processes to compare")
     p.add_argument("--batches", default="1,2,4", help="batch_max values for one worker")
@@ -307,6 +307,9 @@ def summarize(records: list[dict[str, Any]], workers: int, batch: int, kind: Job
         "overhead_p50_s": percentile([r["overhead_s"] for r in records], 50),
         "overhead_p95_s": percentile([r["overhead_s"] for r in records], 95),
         "submit_call_p50_s": percentile([r["submit_call_s"] for r in records], 50),
+        # Engine seconds per iteration of one image: a batch's time shared by its members.
+        "engine_s_per_image_it_p50": percentile(
+            [r["optimise_s"] / max(r["iterations"] or 1, 1) / (r["batch_size"] or 1) for r in records], 50),
         "phases_p50_s": phases,
         "batch_sizes": sorted({r["batch_size"] for r in records if r["batch_size"] is not None}),
         "random_weights": all(r["random_weights"] for r in records),

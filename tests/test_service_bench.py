@@ -32,6 +32,7 @@ def test_service_report_numbers_hang_together(quick_run: Path) -> None:
         assert {("burst", k, workers, batch) for k in ("tiny", "realistic")} <= runs
     for run in data["runs"]:
         assert run["random_weights"] and run["jobs_per_min"] > 0
+        assert run["engine_s_per_image_it_p50"] > 0
         assert 0 < run["optimise_share"] <= 1.2  # once per batch; timers of processes differ a little
         assert set(run["batch_sizes"]) <= set(range(1, run["batch_max"] + 1))
         for rec in run["records"]:

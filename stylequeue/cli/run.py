@@ -251,7 +251,7 @@ def _callback(
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from stylequeue.engine.images import atomic_write_bytes
+    from stylequeue.fileio import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 

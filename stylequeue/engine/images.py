@@ -15,8 +15,6 @@ Whatever the input's mode, :func:`load_image` returns 8-bit RGB, which is what V
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stylequeue.exceptions import ConfigError, ImageError, ImageTooLargeError
+from stylequeue.fileio import atomic_write_bytes
 
 # Output formats by lower-case extension (without the dot) -> Pillow format name.
 FORMATS: dict[str, str] = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -247,17 +246,3 @@ def save_image(img: Image.Image, path: str | Path, *, max_pixels: int | None = N
     return path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a same-directory temp file and :func:`os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -33,6 +33,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from stylequeue.fileio import atomic_file, atomic_path
 from stylequeue.exceptions import (
     ConfigError,
     StyleQueueError,
@@ -234,22 +235,17 @@ def _download(url: str, dest: Path, *, timeout_s: float) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     expected_prefix = dest.stem.rsplit("-", 1)[-1]
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        # A private opener: urlopen() caches a process-wide one, proxies included, which would
-        # outlive this call and leak into every later HTTP request of the process.
-        opener = urllib.request.build_opener()
-        with opener.open(url, timeout=timeout_s) as resp, os.fdopen(fd, "wb") as out:
-            while chunk := resp.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
+    # A private opener: urlopen() caches a process-wide one, proxies included, which would
+    # outlive this call and leak into every later HTTP request of the process.
+    opener = urllib.request.build_opener()
+    with atomic_file(dest) as out, opener.open(url, timeout=timeout_s) as resp:
+        while chunk := resp.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
         if not digest.hexdigest().startswith(expected_prefix):
             raise WeightsChecksumError(
                 f"downloaded {url} does not match its hash prefix {expected_prefix}"
             )
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _load_remote(uri: str, scheme: str, sha256: str | None, cache_dir: str | None) -> LoadedWeights:
@@ -281,18 +277,13 @@ def _load_remote(uri: str, scheme: str, sha256: str | None, cache_dir: str | Non
 
 def _fetch(fetch: Fetcher, uri: str, dest: Path) -> Path:
     """Run a registered fetcher into a temp file beside ``dest``, then rename it into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
     try:
-        fetch(uri, Path(tmp))
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            fetch(uri, tmp)
     except StyleQueueError:
         raise  # storage errors keep their class: transient ones are retried by the service
     except Exception as exc:
         raise WeightsUnavailableError(f"cannot fetch weights {uri}: {exc}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return dest
 
 
@@ -401,15 +392,9 @@ def export_features(
         # Random weights stay flagged through a file: outputs made from it must still say so.
         contents[RANDOM_MARKER] = torch.tensor(loaded.info.seed or 0, dtype=torch.int64)
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    try:
+    with atomic_path(dest) as tmp:
         torch.save(contents, tmp)
         digest = file_sha256(tmp)
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     sidecar = dest.with_name(dest.name + ".sha256")
     sidecar.write_text(f"{digest}  {dest.name}\n")
     return dest, digest

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 from stylequeue.exceptions import ObjectNotFoundError, StorageError, UnsupportedURIError
+from stylequeue.fileio import atomic_file
 from stylequeue.storage.uri import Location
 
 _TMP_SUFFIX = ".part"
@@ -90,21 +90,10 @@ def _is_temp(name: str) -> bool:
 
 def _atomic_write(dest: Path, write: Callable[[BinaryIO], object], uri: str) -> None:
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=_TMP_SUFFIX)
+        with atomic_file(dest, suffix=_TMP_SUFFIX) as fh:
+            write(fh)
     except OSError as exc:
         raise StorageError(f"cannot write {uri}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise StorageError(f"cannot write {uri}: {exc.strerror}") from None
-        raise
 
 
 def _prune_empty(directory: Path) -> None:

@@ -8,8 +8,6 @@ never carries credentials.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
 
@@ -19,6 +17,7 @@ from stylequeue.exceptions import (
     StorageError,
     TransientStorageError,
 )
+from stylequeue.fileio import atomic_file
 from stylequeue.settings import Settings
 from stylequeue.storage.uri import Location
 
@@ -91,15 +90,10 @@ class S3Backend:
     def get_to_file(self, loc: Location, dest: Path) -> None:
         def op() -> None:
             body = self.client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
-            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
             try:
-                with os.fdopen(fd, "wb") as fh:
+                with atomic_file(dest) as fh:
                     for chunk in body.iter_chunks(CHUNK_BYTES):
                         fh.write(chunk)
-                os.replace(tmp, dest)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
             finally:
                 body.close()
 

@@ -316,7 +316,7 @@ def test_failed_save_leaves_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def broken_replace(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("stylequeue.engine.images.os.replace", broken_replace)
+    monkeypatch.setattr("stylequeue.fileio.os.replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         save_image(Image.new("RGB", (4, 4), (0, 0, 255)), path)
     monkeypatch.undo()

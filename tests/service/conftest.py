@@ -95,27 +95,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def module_service_env(redis_server: RedisServer, s3_server: S3Server, bucket: str,
                        data: Path) -> dict[str, str]:
     """service_env's variables for a module-wide bucket, on Redis databases 2 and 3."""
-    return {
-        "STYLEQUEUE_DATA_DIR": str(data / "data"),
-        "STYLEQUEUE_BROKER_URL": redis_server.url_for(2),
-        "STYLEQUEUE_RESULT_BACKEND": redis_server.url_for(3),
-        "STYLEQUEUE_S3_ENDPOINT_URL": s3_server.endpoint_url,
-        "STYLEQUEUE_S3_REGION": s3_server.region,
-        "STYLEQUEUE_S3_ACCESS_KEY_ID": s3_server.access_key,
-        "STYLEQUEUE_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "STYLEQUEUE_S3_ADDRESSING_STYLE": "path",
-        "STYLEQUEUE_STORAGE_ROOT": f"s3://{bucket}/stylequeue",
-        "STYLEQUEUE_ALLOWED_PREFIXES": f"s3://{bucket}/",
-        "STYLEQUEUE_STORAGE_RETRIES": "3",
-        "STYLEQUEUE_STORAGE_BACKOFF_S": "0.05",
-        "STYLEQUEUE_WEIGHTS": "random:0",
-        "STYLEQUEUE_WEIGHTS_CACHE_DIR": str(data / "weights-cache"),
-        "STYLEQUEUE_DEVICE": "cpu",
+    return service_env_for(
+        redis_server, s3_server, bucket, data, broker_db=2, backend_db=3,
         # Small cadences so tests see progress, previews and checkpoints within a few iterations.
-        "STYLEQUEUE_PROGRESS_EVERY": "1",
-        "STYLEQUEUE_PREVIEW_EVERY": "2",
-        "STYLEQUEUE_CHECKPOINT_EVERY": "2",
-    }
+        STYLEQUEUE_PROGRESS_EVERY="1", STYLEQUEUE_PREVIEW_EVERY="2", STYLEQUEUE_CHECKPOINT_EVERY="2",
+    )
 
 
 @_dataclass
@@ -129,6 +113,22 @@ class ServiceWorkers:
     s3: _Any
     gpu: CeleryWorker
     light: CeleryWorker
+
+    def put_png(self, key: str, size: tuple[int, int], seed: int) -> str:
+        """Upload a generated test image under ``key`` in this module's bucket; return its URI."""
+        import io
+
+        from tests.conftest import make_image
+
+        buffer = io.BytesIO()
+        make_image(*size, seed=seed).save(buffer, "PNG")
+        self.s3.put_object(Bucket=self.bucket, Key=key, Body=buffer.getvalue())
+        return f"s3://{self.bucket}/{key}"
+
+    def get(self, uri: str) -> bytes:
+        """The bytes of an ``s3://`` object, read with boto3 directly (not through stylequeue)."""
+        bucket, key = uri[len("s3://"):].split("/", 1)
+        return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     def logs(self) -> str:
         return (f"--- gpu worker log ---\n{self.gpu.log_text()[-6000:]}\n"

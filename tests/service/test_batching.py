@@ -16,7 +16,6 @@ from stylequeue.scheduler import submit
 from stylequeue.settings import load_settings
 from stylequeue.tasks.app import make_app
 from stylequeue.worker.launcher import plan_workers
-from tests.conftest import make_image
 from tests.service.conftest import ServiceWorkers, module_service_env
 from tests.service.workers import CeleryWorker, start_all, stop_all
 
@@ -53,18 +52,6 @@ def batched(redis_server, s3_server, tmp_path_factory: pytest.TempPathFactory) -
         s3_server.remove_bucket(bucket)
 
 
-def _put_png(service: ServiceWorkers, key: str, size: tuple[int, int], seed: int) -> str:
-    buffer = io.BytesIO()
-    make_image(*size, seed=seed).save(buffer, "PNG")
-    service.s3.put_object(Bucket=service.bucket, Key=key, Body=buffer.getvalue())
-    return f"s3://{service.bucket}/{key}"
-
-
-def _get(service: ServiceWorkers, uri: str) -> bytes:
-    bucket, key = uri[len("s3://"):].split("/", 1)
-    return service.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
 def test_launcher_maps_batch_to_a_threads_pool(batched: ServiceWorkers) -> None:
     concurrency, pool, env = _launcher_args(batched.env)
     assert (concurrency, pool, env["STYLEQUEUE_BATCH_MAX"]) == (BATCH, "threads", str(BATCH))
@@ -73,8 +60,8 @@ def test_launcher_maps_batch_to_a_threads_pool(batched: ServiceWorkers) -> None:
 
 
 def test_three_jobs_of_one_size_run_as_one_batch(batched: ServiceWorkers) -> None:
-    style = _put_png(batched, "in/style.png", (40, 40), 2)
-    contents = [_put_png(batched, f"in/content{i}.png", (48, 32), 10 + i) for i in range(BATCH)]
+    style = batched.put_png("in/style.png", (40, 40), 2)
+    contents = [batched.put_png(f"in/content{i}.png", (48, 32), 10 + i) for i in range(BATCH)]
     jobs = [
         submit({"job_id": f"b-{uuid.uuid4().hex[:8]}", "content": content, "styles": [style],
                 "params": {"size": 32, "iterations": 6, "seed": i}}, app=batched.app)
@@ -83,9 +70,9 @@ def test_three_jobs_of_one_size_run_as_one_batch(batched: ServiceWorkers) -> Non
     summaries = [job.wait(timeout=180) for job in jobs]
     for summary in summaries:
         assert summary["status"] == "succeeded", batched.logs()
-        image = Image.open(io.BytesIO(_get(batched, summary["result_uri"])))
+        image = Image.open(io.BytesIO(batched.get(summary["result_uri"])))
         assert image.size == (32, 21)
-        meta = json.loads(_get(batched, summary["metadata_uri"]))
+        meta = json.loads(batched.get(summary["metadata_uri"]))
         assert [step["batch_size"] for step in meta["steps"]] == [BATCH], batched.logs()
         assert meta["steps"][0]["iterations_done"] == 6
     # The style's Gram matrices were computed once and stored for the fleet.

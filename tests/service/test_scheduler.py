@@ -27,18 +27,6 @@ from tests.conftest import make_image
 pytestmark = pytest.mark.timeout(240)
 
 
-def _put_png(service, key: str, size: tuple[int, int], seed: int) -> str:
-    buffer = io.BytesIO()
-    make_image(*size, seed=seed).save(buffer, "PNG")
-    service.s3.put_object(Bucket=service.bucket, Key=key, Body=buffer.getvalue())
-    return f"s3://{service.bucket}/{key}"
-
-
-def _get(service, uri: str) -> bytes:
-    bucket, key = uri[len("s3://"):].split("/", 1)
-    return service.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
 def _keys(service, prefix: str) -> list[str]:
     key_prefix = prefix[len(f"s3://{service.bucket}/"):]
     page = service.s3.list_objects_v2(Bucket=service.bucket, Prefix=key_prefix)
@@ -48,9 +36,9 @@ def _keys(service, prefix: str) -> list[str]:
 @pytest.fixture(scope="module")
 def images(service_workers) -> dict[str, str]:
     return {
-        "content": _put_png(service_workers, "in/content.png", (40, 32), 1),
-        "content2": _put_png(service_workers, "in/content2.png", (32, 40), 4),
-        "styles": [_put_png(service_workers, f"in/style{i}.png", (32, 32), 10 + i) for i in range(3)],
+        "content": service_workers.put_png("in/content.png", (40, 32), 1),
+        "content2": service_workers.put_png("in/content2.png", (32, 40), 4),
+        "styles": [service_workers.put_png(f"in/style{i}.png", (32, 32), 10 + i) for i in range(3)],
     }
 
 
@@ -130,7 +118,7 @@ def test_batch_one_content_many_styles_with_a_contact_sheet(service, images) -> 
     assert len(batch.jobs) == 3
     sheet_info = batch.wait(timeout=180)
     assert sheet_info["jobs"] == [j.job_id for j in batch.jobs]
-    sheet = Image.open(io.BytesIO(_get(service, batch.sheet_uri)))
+    sheet = Image.open(io.BytesIO(service.get(batch.sheet_uri)))
     layout = plan_layout(3, tile=64)
     assert sheet.size == layout.size == (sheet_info["width"], sheet_info["height"])
     assert batch.sheet_uri.endswith(f"/batches/{batch.batch_id}/contact_sheet.png")
@@ -142,7 +130,7 @@ def test_batch_many_contents_one_style(service, images) -> None:
     batch = submit_batch([images["content"], images["content2"]], images["styles"][:1],
                          tile=32, params={"size": 32, "iterations": 2}, app=service.app)
     info = batch.wait(timeout=180)
-    assert Image.open(io.BytesIO(_get(service, batch.sheet_uri))).size == plan_layout(2, tile=32).size
+    assert Image.open(io.BytesIO(service.get(batch.sheet_uri))).size == plan_layout(2, tile=32).size
     assert len(info["jobs"]) == 2
     with pytest.raises(JobSpecError, match="one content with many styles"):
         submit_batch([images["content"], images["content2"]], images["styles"][:2], app=service.app)
@@ -161,7 +149,7 @@ def test_manifest_keeps_to_its_limit_in_flight(service, images, tmp_path) -> Non
     from stylequeue.tasks.control import JobControl
 
     control = JobControl(service.app)
-    published = [json.loads(_get(service, report.results[j["job_id"]]["metadata_uri"]))["published_at"]
+    published = [json.loads(service.get(report.results[j["job_id"]]["metadata_uri"]))["published_at"]
                  for j in jobs]
     submitted = [control.record(j["job_id"])["submitted_at"] for j in jobs]
     assert submitted[1] >= published[0] and submitted[2] >= published[1]

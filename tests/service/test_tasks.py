@@ -22,22 +22,16 @@ from stylequeue.job import JobStatus
 from stylequeue.scheduler import submit
 from stylequeue.tasks.control import JobControl
 from tests.conftest import make_image
+from tests.service.fault_stack import wait_for
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _put_png(service, key: str, size: tuple[int, int], seed: int) -> str:
-    buffer = io.BytesIO()
-    make_image(*size, seed=seed).save(buffer, "PNG")
-    service.s3.put_object(Bucket=service.bucket, Key=key, Body=buffer.getvalue())
-    return f"s3://{service.bucket}/{key}"
 
 
 @pytest.fixture(scope="module")
 def inputs(service_workers) -> dict[str, str]:
     return {
-        "content": _put_png(service_workers, "in/content.png", (48, 32), 1),
-        "style": _put_png(service_workers, "in/style.png", (40, 40), 2),
+        "content": service_workers.put_png("in/content.png", (48, 32), 1),
+        "style": service_workers.put_png("in/style.png", (40, 40), 2),
     }
 
 
@@ -55,24 +49,9 @@ def _key(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _get(service, uri: str) -> bytes:
-    bucket, key = _key(uri)
-    return service.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
 def _exists(service, uri: str) -> bool:
     bucket, key = _key(uri)
     return service.s3.list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount", 0) > 0
-
-
-def _wait_for(check, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 # --- configuration and helpers, without workers -------------------------------------------------
@@ -157,9 +136,9 @@ def test_job_result_and_metadata_land_in_s3(service, inputs) -> None:
     assert summary["status"] == "succeeded" and summary["random_weights"] is True
     assert job.status() is JobStatus.SUCCEEDED
 
-    image = Image.open(io.BytesIO(_get(service, summary["result_uri"])))
+    image = Image.open(io.BytesIO(service.get(summary["result_uri"])))
     assert max(image.size) == 32 and image.size == (32, 21)  # 48x32 content, longest side 32
-    meta = json.loads(_get(service, summary["metadata_uri"]))
+    meta = json.loads(service.get(summary["metadata_uri"]))
     assert meta["random_weights"] is True and meta["weights"]["source"] == "random:0"
     assert meta["spec"]["job_id"] == job.job_id and meta["spec"]["content"] == inputs["content"]
     assert meta["settings"]["weights"] == "random:0"
@@ -183,7 +162,7 @@ class _EventListener:
         self.app, self.kind = app, kind
         self.thread = threading.Thread(target=self._listen, daemon=True)
         self.thread.start()
-        _wait_for(lambda: self.receiver is not None, 10, "the event receiver")
+        wait_for(lambda: self.receiver is not None, 10, "the event receiver")
         time.sleep(0.5)  # its queue is bound before the job starts sending
 
     def _listen(self) -> None:
@@ -206,17 +185,17 @@ def test_progress_is_reported_while_the_job_runs(service, inputs) -> None:
     events = _EventListener(service.app, "task-progress")
     job = submit(_spec(inputs, size=64, iterations=100_000), app=service.app)
     try:
-        progress = _wait_for(job.progress, 90, "a PROGRESS state")
+        progress = wait_for(job.progress, 90, "a PROGRESS state")
         assert progress["total"] == 100_000 and progress["iteration"] >= 1
         assert set(progress["losses"]) == {"total", "content", "style", "tv"}
         assert progress["eta_s"] is None or progress["eta_s"] > 0
         stylize_task = AsyncResult(job.task_ids[1], app=service.app)
         assert stylize_task.state == "PROGRESS" and stylize_task.info["iteration"] >= 1
-        later = _wait_for(lambda: (p := job.progress()) and p["iteration"] > progress["iteration"] and p,
+        later = wait_for(lambda: (p := job.progress()) and p["iteration"] > progress["iteration"] and p,
                           30, "progress moving on")
         assert later["iteration"] > progress["iteration"]
         assert job.status() is JobStatus.RUNNING
-        _wait_for(lambda: len(events.seen) >= 3, 30, "three task-progress events")
+        wait_for(lambda: len(events.seen) >= 3, 30, "three task-progress events")
         event = events.seen[-1]
         assert event["uuid"] == job.task_ids[1] and event["job_id"] == job.job_id
         assert event["total"] == 100_000 and event["iteration"] >= 1 and event["hostname"] == service.gpu.hostname
@@ -227,10 +206,10 @@ def test_progress_is_reported_while_the_job_runs(service, inputs) -> None:
 
 def test_cancel_stops_a_running_job_within_seconds(service, inputs) -> None:
     job = submit(_spec(inputs, size=64, iterations=100_000), app=service.app)
-    _wait_for(job.progress, 90, "the job to start")
+    wait_for(job.progress, 90, "the job to start")
     started = time.monotonic()
     job.cancel()
-    _wait_for(lambda: job.status() is JobStatus.CANCELLED, 10, "CANCELLED")
+    wait_for(lambda: job.status() is JobStatus.CANCELLED, 10, "CANCELLED")
     assert time.monotonic() - started < 10
     assert AsyncResult(job.task_ids[1], app=service.app).state == "REVOKED"
     with pytest.raises(JobFailedError, match="cancelled"):
@@ -245,19 +224,19 @@ def test_cancel_stops_a_running_job_within_seconds(service, inputs) -> None:
 def test_a_cancelled_job_submitted_again_resumes_from_its_checkpoint(service, inputs) -> None:
     spec = _spec(inputs, size=64, iterations=100_000)
     job = submit(spec, app=service.app)
-    _wait_for(lambda: (p := job.progress()) and p["iteration"] >= 6, 90, "six iterations")
+    wait_for(lambda: (p := job.progress()) and p["iteration"] >= 6, 90, "six iterations")
     job.cancel()
-    _wait_for(lambda: job.status() is JobStatus.CANCELLED, 10, "CANCELLED")
+    wait_for(lambda: job.status() is JobStatus.CANCELLED, 10, "CANCELLED")
     again = submit(spec, app=service.app)  # same id: allowed, because it was cancelled
     assert again.status() is not JobStatus.CANCELLED
-    first = _wait_for(again.progress, 90, "the resubmitted job to run")
+    first = wait_for(again.progress, 90, "the resubmitted job to run")
     try:
         # Checkpoints every 2 iterations: it went on from one, not from iteration 0.
         assert first["iteration"] > 2
         assert f"job {job.job_id} step 1/1 at 64 px: resumed" in service.gpu.log_text()
     finally:
         again.cancel()
-        _wait_for(lambda: again.status() is JobStatus.CANCELLED, 10, "CANCELLED again")
+        wait_for(lambda: again.status() is JobStatus.CANCELLED, 10, "CANCELLED again")
 
 
 def test_same_job_id_twice_does_the_work_once(service, inputs) -> None:
@@ -304,9 +283,9 @@ def test_multiscale_job_is_a_chain_of_stylize_steps(service, inputs) -> None:
     job = submit(_spec(inputs, size=48, iterations=3, scales=2, min_size=24), app=service.app)
     assert len(job.task_ids) == 4  # validate, stylize at 24 px, stylize at 48 px, publish
     summary = job.wait(timeout=180)
-    image = Image.open(io.BytesIO(_get(service, summary["result_uri"])))
+    image = Image.open(io.BytesIO(service.get(summary["result_uri"])))
     assert image.size == (48, 32)
-    meta = json.loads(_get(service, summary["metadata_uri"]))
+    meta = json.loads(service.get(summary["metadata_uri"]))
     assert [s["size"] for s in meta["steps"]] == [24, 48]
     assert [s["started_from"] for s in meta["steps"]] == ["fresh", "carried"]
     assert all(s["iterations_done"] == 3 for s in meta["steps"])

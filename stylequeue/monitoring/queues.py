@@ -19,21 +19,22 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from stylequeue.exceptions import ConfigError
 from stylequeue.settings import Settings
+from stylequeue.tasks.broker import (  # noqa: F401 - re-exported: the exporter's key layout
+    KOMBU_PRIORITY_STEPS,
+    KOMBU_SEP,
+    KOMBU_UNACKED_KEY,
+    QueueKeys,
+    queue_keys,
+    redis_client_for,
+)
 
 log = logging.getLogger(__name__)
-
-# kombu.transport.redis defaults, repeated here so the pure functions need no kombu channel.
-KOMBU_SEP = "\x06\x16"
-KOMBU_PRIORITY_STEPS: tuple[int, ...] = (0, 3, 6, 9)
-KOMBU_UNACKED_KEY = "unacked"
 
 
 class RedisLike(Protocol):
@@ -42,34 +43,6 @@ class RedisLike(Protocol):
     def pipeline(self, transaction: bool = ...) -> Any: ...
 
     def hvals(self, name: str) -> Any: ...
-
-
-@dataclass(frozen=True)
-class QueueKeys:
-    """How kombu names the Redis keys of a queue, as configured on the Celery app."""
-
-    sep: str = KOMBU_SEP
-    priority_steps: tuple[int, ...] = KOMBU_PRIORITY_STEPS
-    unacked_key: str = KOMBU_UNACKED_KEY
-    # kombu prepends ``global_keyprefix`` to every key it writes.
-    prefix: str = ""
-
-    def list_key(self, queue: str, step: int) -> str:
-        """The Redis list that holds ``queue``'s messages at priority ``step``."""
-        name = queue if step == 0 else f"{queue}{self.sep}{step}"
-        return self.prefix + name
-
-
-def queue_keys(broker_transport_options: Mapping[str, Any] | None) -> QueueKeys:
-    """Read kombu's key layout from a Celery app's ``broker_transport_options``."""
-    opts = dict(broker_transport_options or {})
-    steps = tuple(sorted(int(s) for s in opts.get("priority_steps", KOMBU_PRIORITY_STEPS)))
-    return QueueKeys(
-        sep=str(opts.get("sep", KOMBU_SEP)),
-        priority_steps=steps,
-        unacked_key=str(opts.get("unacked_key", KOMBU_UNACKED_KEY)),
-        prefix=str(opts.get("global_keyprefix", "")),
-    )
 
 
 def queue_priority_lengths(
@@ -133,7 +106,7 @@ class QueueCollector(Collector):
         up = GaugeMetricFamily("stylequeue_broker_up", "1 if the last scrape reached the broker")
         try:
             per_step = queue_priority_lengths(self.redis, self.queues, self.keys)
-            unacked = unacked_counts(self.redis, self.queues, self.keys.prefix + self.keys.unacked_key)
+            unacked = unacked_counts(self.redis, self.queues, self.keys.unacked)
         except Exception as exc:  # noqa: BLE001 - a down broker is a value (0), not a 500
             log.warning("cannot read queue lengths from the broker: %s", exc)
             up.add_metric([], 0)
@@ -171,15 +144,7 @@ class QueueCollector(Collector):
 
 def redis_broker_client(settings: Settings) -> Any:
     """A redis-py client for the broker, or a ConfigError that says how to point at Redis."""
-    import redis
-
-    url = settings.resolved_broker_url
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(
-            f"the queue exporter reads a Redis broker, but the broker is {url!r}; "
-            "set STYLEQUEUE_BROKER_URL=redis://HOST:6379/0"
-        )
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    return redis_client_for(settings.resolved_broker_url, "the queue exporter")
 
 
 def make_collector(settings: Settings, queues: list[str] | None = None) -> QueueCollector:

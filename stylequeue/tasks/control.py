@@ -19,19 +19,29 @@ from typing import Any, Protocol, Sequence
 from celery import Celery
 
 from stylequeue.exceptions import ConfigError
+from stylequeue.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "stylequeue-"
+ACTIVE_INDEX = f"{KEY_PREFIX}active-jobs"
 
 
 class KeyValue(Protocol):
-    """The four operations the control flags need, with atomic ``add`` and ``incr``."""
+    """What the control flags need: atomic ``add`` and ``incr``, and one small index of members.
+
+    The index (``index_add`` and friends) lists the jobs that have not ended, so the recovery
+    sweep (:mod:`stylequeue.tasks.recovery`) never has to scan every key of the backend.
+    """
 
     def get(self, key: str) -> str | None: ...
-    def add(self, key: str, value: str) -> bool: ...
+    def add(self, key: str, value: str, ttl_s: int | None = None) -> bool: ...
+    def put(self, key: str, value: str) -> None: ...
     def incr(self, key: str) -> int: ...
     def delete(self, key: str) -> None: ...
+    def index_add(self, index: str, member: str) -> None: ...
+    def index_remove(self, index: str, member: str) -> None: ...
+    def index_members(self, index: str) -> list[str]: ...
 
 
 class RedisKeyValue:
@@ -45,8 +55,11 @@ class RedisKeyValue:
         value = self.client.get(key)  # type: ignore[attr-defined]
         return value.decode() if isinstance(value, bytes) else value
 
-    def add(self, key: str, value: str) -> bool:
-        return bool(self.client.set(key, value, nx=True, ex=self.expires_s))  # type: ignore[attr-defined]
+    def add(self, key: str, value: str, ttl_s: int | None = None) -> bool:
+        return bool(self.client.set(key, value, nx=True, ex=ttl_s or self.expires_s))  # type: ignore[attr-defined]
+
+    def put(self, key: str, value: str) -> None:
+        self.client.set(key, value, ex=self.expires_s)  # type: ignore[attr-defined]
 
     def incr(self, key: str) -> int:
         pipe = self.client.pipeline()  # type: ignore[attr-defined]
@@ -56,6 +69,19 @@ class RedisKeyValue:
 
     def delete(self, key: str) -> None:
         self.client.delete(key)  # type: ignore[attr-defined]
+
+    # A sorted set scored by the time a member joined: oldest first, and members older than
+    # the results themselves can be dropped by score (their records have expired).
+    def index_add(self, index: str, member: str) -> None:
+        self.client.zadd(index, {member: time.time()})  # type: ignore[attr-defined]
+
+    def index_remove(self, index: str, member: str) -> None:
+        self.client.zrem(index, member)  # type: ignore[attr-defined]
+
+    def index_members(self, index: str) -> list[str]:
+        self.client.zremrangebyscore(index, "-inf", time.time() - self.expires_s)  # type: ignore[attr-defined]
+        return [m.decode() if isinstance(m, bytes) else m
+                for m in self.client.zrange(index, 0, -1)]  # type: ignore[attr-defined]
 
 
 class FileKeyValue:
@@ -78,14 +104,24 @@ class FileKeyValue:
         except FileNotFoundError:
             return None
 
-    def add(self, key: str, value: str) -> bool:
+    def add(self, key: str, value: str, ttl_s: int | None = None) -> bool:
+        path = self._path(key)
+        if ttl_s is not None:
+            try:
+                if time.time() - path.stat().st_mtime > ttl_s:
+                    path.unlink(missing_ok=True)  # an expired lock, as Redis would have dropped it
+            except FileNotFoundError:
+                pass
         try:
-            fd = os.open(self._path(key), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as fh:
             fh.write(value)
         return True
+
+    def put(self, key: str, value: str) -> None:
+        atomic_write_bytes(self._path(key), value.encode())
 
     def incr(self, key: str) -> int:
         fd = os.open(self._path(key), os.O_RDWR | os.O_CREAT, 0o644)
@@ -99,6 +135,26 @@ class FileKeyValue:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def _index_dir(self, index: str) -> Path:
+        folder = self.folder / f"{index}.index"
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def index_add(self, index: str, member: str) -> None:
+        (self._index_dir(index) / member).touch()
+
+    def index_remove(self, index: str, member: str) -> None:
+        (self._index_dir(index) / member).unlink(missing_ok=True)
+
+    def index_members(self, index: str) -> list[str]:
+        entries = []
+        for path in self._index_dir(index).iterdir():
+            try:
+                entries.append((path.stat().st_mtime, path.name))
+            except FileNotFoundError:
+                continue  # removed while we listed it
+        return [name for _, name in sorted(entries)]
 
 
 def key_value(app: Celery) -> KeyValue:
@@ -161,8 +217,51 @@ class JobControl:
         self.store.delete(f"{KEY_PREFIX}job-{job_id}")
         self.clear_cancel(job_id)
         for task_id in task_ids:
+            self.store.delete(f"{KEY_PREFIX}redrives-{task_id}")
+            self.clear_missing(task_id)
             for retries in range(max_retries + 1):
                 self.store.delete(f"{KEY_PREFIX}deliveries-{task_id}-{retries}")
+
+    # Recovery of lost messages (stylequeue.tasks.recovery) ------------------------------------
+    def track(self, job_id: str) -> None:
+        """List ``job_id`` among the jobs that have not ended (the recovery sweep reads them)."""
+        self.store.index_add(ACTIVE_INDEX, job_id)
+
+    def untrack(self, job_id: str) -> None:
+        self.store.index_remove(ACTIVE_INDEX, job_id)
+
+    def active_jobs(self) -> list[str]:
+        """Tracked job ids, oldest first (ids older than the results' expiry are dropped)."""
+        return self.store.index_members(ACTIVE_INDEX)
+
+    def remember_message(self, task_id: str, message: dict[str, Any]) -> None:
+        """Keep what it takes to send ``task_id``'s message again, should the broker lose it."""
+        self.store.put(f"{KEY_PREFIX}sent-{task_id}", json.dumps(message))
+
+    def sent_message(self, task_id: str) -> dict[str, Any] | None:
+        raw = self.store.get(f"{KEY_PREFIX}sent-{task_id}")
+        return json.loads(raw) if raw else None
+
+    def missing_since(self, task_id: str, now: float) -> float:
+        """When a sweep first found ``task_id``'s message on no queue (``now`` on the first call)."""
+        key = f"{KEY_PREFIX}missing-{task_id}"
+        self.store.add(key, repr(now))
+        value = self.store.get(key)
+        return float(value) if value else now
+
+    def clear_missing(self, task_id: str) -> None:
+        self.store.delete(f"{KEY_PREFIX}missing-{task_id}")
+
+    def count_redrive(self, task_id: str) -> int:
+        """How many times ``task_id`` has been sent again by recovery, this time included."""
+        return self.store.incr(f"{KEY_PREFIX}redrives-{task_id}")
+
+    def lock(self, name: str, ttl_s: int) -> bool:
+        """A lock that frees itself after ``ttl_s`` (a crashed holder cannot keep it)."""
+        return self.store.add(f"{KEY_PREFIX}lock-{name}", str(time.time()), ttl_s=ttl_s)
+
+    def unlock(self, name: str) -> None:
+        self.store.delete(f"{KEY_PREFIX}lock-{name}")
 
 
 class CancelPoller:

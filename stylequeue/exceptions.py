@@ -76,6 +76,10 @@ class TooManyDeliveriesError(StyleQueueError):
     """A task message was delivered more than ``max_deliveries`` times (its worker kept dying)."""
 
 
+class LostMessageError(StyleQueueError):
+    """The broker lost a job's message more often than recovery may re-send it (or no copy was kept)."""
+
+
 class JobFailedError(StyleQueueError):
     """A job a producer waited on ended FAILED or CANCELLED; the message says why."""
 

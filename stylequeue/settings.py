@@ -98,6 +98,10 @@ class Settings:
     expire_previews_every_s: int = 3600
     # Manifests dropped under <storage_root>/manifests/incoming/ are picked up this often.
     scan_manifests_every_s: int = 60
+    # Lost-message recovery (docs/reliability.md): every recover_every_s, beat re-sends a job
+    # message that has been on no queue for recover_after_s (0: the visibility timeout).
+    recover_every_s: int = 60
+    recover_after_s: int = 0
     manifest_max_in_flight: int = 8
 
     # Flower.
@@ -120,6 +124,10 @@ class Settings:
     @property
     def resolved_result_backend(self) -> str:
         return self.result_backend or f"file://{Path(self.data_dir) / 'results'}"
+
+    @property
+    def resolved_recover_after_s(self) -> int:
+        return self.recover_after_s or self.visibility_timeout
 
     @property
     def resolved_storage_root(self) -> str:

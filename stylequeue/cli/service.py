@@ -1,4 +1,5 @@
-"""The job-service subcommands: ``worker``, ``submit``, ``status``, ``cancel``, ``manifest``, ``beat``.
+"""The job-service subcommands: ``worker``, ``submit``, ``status``, ``cancel``, ``manifest``, ``beat``,
+``recover``.
 
 Each reads :class:`Settings` from the environment (``STYLEQUEUE_*``, ``STYLEQUEUE_CONFIG``), so a
 producer's shell and a worker's container agree by configuration alone.
@@ -40,9 +41,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(default: STYLEQUEUE_MANIFEST_MAX_IN_FLIGHT)")
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.set_defaults(handler=manifest_command)
-    p = subparsers.add_parser("beat", help="run Celery beat: manifest pick-up and preview expiry")
+    p = subparsers.add_parser("beat", help="run Celery beat: manifest pick-up, preview expiry, "
+                              "lost-message recovery")
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(handler=beat_command)
+    p = subparsers.add_parser(
+        "recover", help="re-send job messages the broker lost, once, now (beat does it periodically)",
+        description="Sweeps the jobs that have not ended; a job whose next message has been on no "
+        "queue for longer than STYLEQUEUE_RECOVER_AFTER_S gets it sent again (docs/reliability.md).",
+    )
+    p.set_defaults(handler=recover_command)
 
 
 def _register_worker(subparsers: argparse._SubParsersAction) -> None:
@@ -213,6 +221,14 @@ def cancel_command(args: argparse.Namespace) -> int:
     job = get_job(args.job_id)
     job.cancel()
     print(f"{job.job_id}: cancel requested (was {job.status().value})")
+    return 0
+
+
+def recover_command(args: argparse.Namespace) -> int:
+    from stylequeue.tasks.app import app
+    from stylequeue.tasks.recovery import recover
+
+    print(json.dumps(recover(app), indent=2))
     return 0
 
 

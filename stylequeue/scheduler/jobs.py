@@ -202,6 +202,7 @@ def _claim(app: Celery, job: JobSpec) -> tuple[JobHandle, bool]:
               "submitted_at": time.time()}
     control = JobControl(app)
     if control.claim(job.job_id, record):
+        control.track(job.job_id)  # the recovery sweep watches it until it ends
         return JobHandle.from_record(app, job.job_id, record), True
     existing = JobHandle.from_record(app, job.job_id, control.record(job.job_id) or record)
     status = existing.status()
@@ -213,6 +214,7 @@ def _claim(app: Celery, job: JobSpec) -> tuple[JobHandle, bool]:
     control.release(job.job_id, existing.task_ids, settings.task_max_retries)
     if not control.claim(job.job_id, record):
         raise JobSpecError(f"job {job.job_id} was resubmitted by someone else at the same moment")
+    control.track(job.job_id)
     return JobHandle.from_record(app, job.job_id, record), True
 
 

@@ -20,6 +20,7 @@ from kombu import Exchange, Queue
 
 from stylequeue.exceptions import ConfigError
 from stylequeue.settings import Settings, load_settings
+from stylequeue.tasks.sent import RecordingAMQP
 
 # Explicit, namespaced task names: producers send by name and never import the task module.
 TASK_VALIDATE = "stylequeue.validate"
@@ -28,6 +29,9 @@ TASK_PUBLISH = "stylequeue.publish"
 TASK_CONTACT_SHEET = "stylequeue.contact_sheet"
 TASK_SCAN_MANIFESTS = "stylequeue.scan_manifests"
 TASK_EXPIRE_PREVIEWS = "stylequeue.expire_previews"
+TASK_RECOVER = "stylequeue.recover"
+# The messages of a job (and a batch's sheet): remembered when sent, re-sent if the broker loses one.
+JOB_TASKS = frozenset({TASK_VALIDATE, TASK_STYLIZE, TASK_PUBLISH, TASK_CONTACT_SHEET})
 
 # Redis emulates priorities with one list per step; 0 is served first (the opposite of AMQP).
 PRIORITY_STEPS = list(range(10))
@@ -62,6 +66,12 @@ def _check_limits(settings: Settings) -> None:
         raise ConfigError(
             f"job_soft_time_limit ({settings.job_soft_time_limit}s) must be below job_time_limit "
             f"({settings.job_time_limit}s) so a job can clean up before it is killed"
+        )
+    if settings.recover_after_s and settings.recover_after_s <= settings.job_time_limit:
+        raise ConfigError(
+            f"recover_after_s ({settings.recover_after_s}s) must exceed job_time_limit "
+            f"({settings.job_time_limit}s): a worker busy with a job may hold the next message "
+            "unread that long, and re-sending it sooner would run it twice"
         )
     if settings.visibility_timeout <= settings.job_time_limit:
         raise ConfigError(
@@ -106,14 +116,20 @@ def _routes(settings: Settings) -> dict[str, dict[str, str]]:
         TASK_CONTACT_SHEET: light,
         TASK_SCAN_MANIFESTS: light,
         TASK_EXPIRE_PREVIEWS: light,
+        TASK_RECOVER: light,
     }
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Periodic work for ``stylequeue beat``: pick up dropped manifests, expire old previews."""
+    """Periodic work for ``stylequeue beat``: pick up dropped manifests, expire old previews,
+    re-send job messages the broker lost (docs/reliability.md)."""
+    # A sweep that waits on the queue behind a long backlog is useless by the next one.
+    expires = {"expires": float(settings.recover_every_s)}
     return {
         "scan-manifests": {"task": TASK_SCAN_MANIFESTS, "schedule": float(settings.scan_manifests_every_s)},
         "expire-previews": {"task": TASK_EXPIRE_PREVIEWS, "schedule": float(settings.expire_previews_every_s)},
+        "recover-lost-messages": {"task": TASK_RECOVER, "schedule": float(settings.recover_every_s),
+                                  "options": expires},
     }
 
 
@@ -146,6 +162,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
+        # A redelivered message of a task that already succeeded is dropped, not run twice.
+        "worker_deduplicate_successful_tasks": True,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         # Celery reads the visibility timeout from both option dicts (broker and result backend).
         "broker_transport_options": broker_options,
@@ -180,7 +198,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def make_app(settings: Settings | None = None) -> Celery:
     """Build the stylequeue Celery app from ``settings`` (or from the environment)."""
     settings = settings or load_settings()
-    app = Celery("stylequeue", include=["stylequeue.tasks.jobs"], set_as_current=False)
+    app = Celery("stylequeue", include=["stylequeue.tasks.jobs"], set_as_current=False,
+                 amqp=RecordingAMQP)
+    app.stylequeue_recorded_tasks = JOB_TASKS  # type: ignore[attr-defined]
     app.conf.update(celery_config(settings))
     # Tasks, the scheduler and the beat schedule read the same Settings the app was built from.
     app.stylequeue_settings = settings  # type: ignore[attr-defined]

@@ -37,6 +37,7 @@ from stylequeue.tasks.app import (
     TASK_CONTACT_SHEET,
     TASK_EXPIRE_PREVIEWS,
     TASK_PUBLISH,
+    TASK_RECOVER,
     TASK_SCAN_MANIFESTS,
     TASK_STYLIZE,
     TASK_VALIDATE,
@@ -214,6 +215,7 @@ def publish(self: JobTask, message: dict[str, Any]) -> dict[str, Any]:
     store.put_bytes(paths.metadata, json.dumps(record, indent=2).encode(), "application/json")
     for uri in (paths.checkpoint, paths.work_image, *(paths.step_metadata(k) for k in range(steps))):
         store.delete(uri)
+    JobControl(self.app).untrack(spec.job_id)  # nothing left for recovery to watch
     return _summary(record)
 
 
@@ -279,4 +281,12 @@ def expire_previews(self: JobTask) -> dict[str, Any]:
     return {"deleted": deleted}
 
 
-__all__ = ["validate", "stylize", "publish", "contact_sheet", "scan_manifests", "expire_previews"]
+@app.task(bind=True, base=JobTask, name=TASK_RECOVER)
+def recover(self: JobTask) -> dict[str, Any]:
+    """Beat: re-send job messages the broker lost (:mod:`stylequeue.tasks.recovery`)."""
+    from stylequeue.tasks.recovery import recover as sweep
+
+    return sweep(self.app)
+
+
+__all__ = ["validate", "stylize", "publish", "contact_sheet", "scan_manifests", "expire_previews", "recover"]

@@ -1,4 +1,4 @@
-"""``stylequeue submit / status / cancel / manifest`` as real subprocesses against real workers."""
+"""``stylequeue submit / status / cancel / recover / manifest`` as real subprocesses against real workers."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 
 from stylequeue.cli.service import parse_params
 from stylequeue.exceptions import ConfigError
+from stylequeue.tasks.control import JobControl
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.timeout(240)
@@ -94,6 +95,13 @@ def test_cancel_from_the_command_line(service, local_images) -> None:
         time.sleep(0.2)
     info = json.loads(_cli(service, "status", job_id, "--json").stdout)
     assert info["status"] == "cancelled" and info["result"] is None and "cancelled" in info["error"]
+    # `stylequeue recover` sweeps once: the cancelled job has ended and is no longer watched.
+    assert job_id in JobControl(service.app).active_jobs()
+    sweep = _cli(service, "recover")
+    assert sweep.returncode == 0, sweep.stderr
+    report = json.loads(sweep.stdout)
+    assert report["ended"] >= 1 and report["resent"] == [] and report["skipped"] == ""
+    assert job_id not in JobControl(service.app).active_jobs()
 
 
 def test_manifest_command(service, tmp_path) -> None:

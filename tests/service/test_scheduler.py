@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 
@@ -23,6 +19,7 @@ from stylequeue.scheduler import get_job, parse_manifest, submit, submit_batch, 
 from stylequeue.scheduler.contact_sheet import make_contact_sheet, plan_layout
 from stylequeue.tasks.app import TASK_EXPIRE_PREVIEWS, TASK_SCAN_MANIFESTS
 from tests.conftest import make_image
+from tests.service.workers import Beat
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -186,16 +183,11 @@ def test_expire_previews_deletes_only_old_previews(service) -> None:
 
 def test_beat_sends_the_periodic_tasks(service, images, tmp_path) -> None:
     """`stylequeue beat` with a 1 s manifest scan: a dropped manifest's job gets done."""
-    env = {**os.environ, **service.env, "STYLEQUEUE_SCAN_MANIFESTS_EVERY_S": "1",
-           "STYLEQUEUE_DATA_DIR": str(tmp_path / "beat")}
     key_root = f"{service.settings.resolved_storage_root}/manifests"[len(f"s3://{service.bucket}/"):]
     job_id = f"beat-{uuid.uuid4().hex[:6]}"
     manifest = [{"job_id": job_id, "content": images["content"], "styles": images["styles"][:1],
                  "params": {"size": 32, "iterations": 2}}]
-    log = (tmp_path / "beat.log").open("wb")
-    beat = subprocess.Popen([sys.executable, "-m", "stylequeue", "beat"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
+    with Beat({**service.env, "STYLEQUEUE_SCAN_MANIFESTS_EVERY_S": "1"}, tmp_path / "beat") as beat:
         service.s3.put_object(Bucket=service.bucket, Key=f"{key_root}/incoming/beat.json",
                               Body=json.dumps(manifest))
         deadline = time.monotonic() + 60
@@ -206,13 +198,9 @@ def test_beat_sends_the_periodic_tasks(service, images, tmp_path) -> None:
             except JobSpecError:
                 time.sleep(0.3)
         else:
-            raise AssertionError((tmp_path / "beat.log").read_text()[-3000:])
+            raise AssertionError(beat.log_text()[-3000:])
         assert handle.wait(timeout=120)["status"] == "succeeded"
-    finally:
-        beat.send_signal(signal.SIGTERM)
-        beat.wait(timeout=30)
-        log.close()
-    assert "stylequeue.scan_manifests" in (tmp_path / "beat.log").read_text()
+    assert "stylequeue.scan_manifests" in beat.log_text()
 
 
 def test_chain_steps_carry_the_default_priority_unless_the_spec_sets_one(tmp_path) -> None:

@@ -129,3 +129,40 @@ def stop_all(workers: list[CeleryWorker], timeout: float = 30.0) -> None:
         worker.terminate()
     for worker in workers:
         worker.stop(timeout)
+
+
+class Beat:
+    """``stylequeue beat`` (Celery beat with the service's schedule) as a subprocess.
+
+    ``data_dir`` holds beat's schedule file; ``env`` may shorten the periods
+    (``STYLEQUEUE_RECOVER_EVERY_S``, ``STYLEQUEUE_SCAN_MANIFESTS_EVERY_S``).
+    """
+
+    def __init__(self, env: Mapping[str, str], data_dir: Path) -> None:
+        self.env = {**os.environ, **env, "STYLEQUEUE_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+        self.log_path = Path(tempfile.mkstemp(prefix="stylequeue-beat-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self) -> "Beat":
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "stylequeue", "beat"], env=self.env,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def __enter__(self) -> "Beat":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

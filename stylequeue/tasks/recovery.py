@@ -1,0 +1,169 @@
+"""Re-send job messages that the broker lost: the sweep behind ``stylequeue.recover`` (beat).
+
+Late acknowledgement covers a worker that dies with a job: its message stays in kombu's
+``unacked`` hash and comes back after the visibility timeout. It does not cover a message that
+the broker handed to a worker which had not yet written it to ``unacked`` when the connection
+broke (a Redis restart at the wrong millisecond, see :mod:`stylequeue.tasks.sent`): that message
+is gone, and its job would wait forever. The sweep finds such jobs and sends the message again.
+
+For each job that has not ended (``JobControl.active_jobs``), the task the job waits on is the
+first in its chain that has not succeeded. That task's message must be somewhere: in a queue
+list or in ``unacked`` (read in one transaction, :func:`task_ids_on_broker`). A message missing
+from both for longer than ``recover_after_s`` (default: the visibility timeout, which exceeds the
+longest job) is lost, not merely in transit, and is sent again from its remembered copy, with
+the same task id, so the job resumes from its checkpoint. A message lost more than
+``max_deliveries`` times fails its job with a :class:`LostMessageError` instead: every job ends.
+
+Only a Redis broker can lose messages this way and only its keys can be inspected; with any
+other broker the sweep reports ``skipped``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from celery import Celery
+from celery.result import AsyncResult
+
+from stylequeue.exceptions import LostMessageError
+from stylequeue.settings import Settings
+from stylequeue.tasks.app import settings_of
+from stylequeue.tasks.broker import is_redis_url, queue_keys, redis_client_for, task_ids_on_broker
+from stylequeue.tasks.control import JobControl
+from stylequeue.tasks.sent import resend
+
+log = logging.getLogger(__name__)
+
+LOCK = "recovery"
+REDRIVE_HEADER = "stylequeue_redrive"
+
+
+@dataclass
+class SweepReport:
+    """What one sweep saw and did (the task's return value, so Flower shows it)."""
+
+    active: int = 0  # jobs that had not ended when the sweep began
+    ended: int = 0  # jobs found finished, now no longer tracked
+    on_broker: int = 0  # jobs whose next message is queued or being worked on
+    missing: int = 0  # next message on no queue, for less than the grace so far
+    resent: list[str] = field(default_factory=list)  # task ids sent again
+    failed: list[str] = field(default_factory=list)  # task ids failed as lost too often
+    skipped: str = ""  # why nothing was looked at
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Recovery:
+    """One sweep over the active jobs; ``now`` and ``broker_ids`` are injectable for tests."""
+
+    def __init__(self, app: Celery, *, broker_ids: Callable[[], set[str]] | None = None,
+                 now: Callable[[], float] = time.time) -> None:
+        self.app = app
+        self.settings: Settings = settings_of(app)
+        self.control = JobControl(app)
+        self.now = now
+        self._broker_ids = broker_ids
+
+    def broker_ids(self) -> set[str]:
+        if self._broker_ids is not None:
+            return self._broker_ids()
+        keys = queue_keys(self.app.conf.broker_transport_options)
+        client = redis_client_for(self.settings.resolved_broker_url, "lost-message recovery")
+        try:
+            return task_ids_on_broker(client, [self.settings.gpu_queue, self.settings.light_queue], keys)
+        finally:
+            client.close()
+
+    def sweep(self) -> SweepReport:
+        report = SweepReport()
+        if self._broker_ids is None and not is_redis_url(self.settings.resolved_broker_url):
+            report.skipped = "the broker is not Redis; it cannot lose messages this way"
+            return report
+        # Two beats, or a slow sweep overlapping the next: one at a time.
+        if not self.control.lock(LOCK, ttl_s=max(60, 2 * self.settings.recover_every_s)):
+            report.skipped = "another sweep is running"
+            return report
+        try:
+            self._sweep(report)
+        finally:
+            self.control.unlock(LOCK)
+        if report.resent or report.failed:
+            log.warning("recovery: re-sent %s, failed %s", report.resent, report.failed)
+        return report
+
+    def _sweep(self, report: SweepReport) -> None:
+        jobs = self.control.active_jobs()
+        report.active = len(jobs)
+        # The broker is read after the job list: a job submitted in between is simply on it.
+        present = self.broker_ids()
+        lost: list[tuple[str, str]] = []
+        for job_id in jobs:
+            waiting_on = self._waiting_on(job_id)
+            if waiting_on is None:
+                self.control.untrack(job_id)
+                report.ended += 1
+            elif waiting_on in present:
+                self.control.clear_missing(waiting_on)
+                report.on_broker += 1
+            elif self.now() - self.control.missing_since(waiting_on, self.now()) < self.grace_s:
+                report.missing += 1
+            else:
+                lost.append((job_id, waiting_on))
+        if not lost:
+            return
+        # Look once more before acting: a message that moved between reads is not lost.
+        present = self.broker_ids()
+        for job_id, task_id in lost:
+            if task_id in present or self._waiting_on(job_id) != task_id:
+                self.control.clear_missing(task_id)
+                report.on_broker += 1
+            else:
+                self._recover(job_id, task_id, report)
+
+    @property
+    def grace_s(self) -> int:
+        return self.settings.resolved_recover_after_s
+
+    def _waiting_on(self, job_id: str) -> str | None:
+        """The task id whose message the job needs next, or None when the job has ended."""
+        from stylequeue.scheduler.jobs import JobHandle
+
+        record = self.control.record(job_id)
+        if record is None:
+            return None  # expired with the results, or released for a resubmission
+        handle = JobHandle.from_record(self.app, job_id, record)
+        if handle.status().is_finished:
+            return None
+        for task_id in handle.task_ids:
+            if AsyncResult(task_id, app=self.app).state != "SUCCESS":
+                return task_id
+        return None
+
+    def _recover(self, job_id: str, task_id: str, report: SweepReport) -> None:
+        self.control.clear_missing(task_id)
+        message = self.control.sent_message(task_id)
+        count = self.control.count_redrive(task_id)
+        if message is None or count > self.settings.max_deliveries:
+            why = ("no copy of it was kept" if message is None
+                   else f"it was lost {count} times (limit {self.settings.max_deliveries})")
+            error = LostMessageError(
+                f"the broker lost the message of {task_id} and {why}; the job is failed rather "
+                f"than left waiting: resubmit job {job_id}"
+            )
+            self.app.backend.mark_as_failure(task_id, error)
+            report.failed.append(task_id)
+            log.error("recovery: %s", error)
+            return
+        log.warning("recovery: message of %s (job %s) was on no queue for over %d s; sending it "
+                    "again (%d/%d)", task_id, job_id, self.grace_s, count, self.settings.max_deliveries)
+        resend(self.app, message, headers={REDRIVE_HEADER: count})
+        report.resent.append(task_id)
+
+
+def recover(app: Celery) -> dict[str, Any]:
+    """One sweep; what ``stylequeue.recover`` runs and returns."""
+    return Recovery(app).sweep().as_dict()

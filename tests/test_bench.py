@@ -7,14 +7,13 @@ import importlib.util
 import json
 import math
 import re
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from bench import engine_bench, flops, gpu_bench, preset_search
-from bench.harness import Contender, Interleaver, Objective, load_inputs, run_interleaved
+from bench.harness import Contender, Objective, load_inputs, run_interleaved
 from bench.seed_loop import SeedLoop, seed_objective
 from stylequeue.engine import VGGFeatures
 from stylequeue.engine.losses import gram_matrix

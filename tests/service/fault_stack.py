@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 from stylequeue.settings import Settings, load_settings
 from tests.conftest import make_image
 from tests.servers import RedisServer, S3Server, service_env_for
-from tests.service.workers import CeleryWorker, start_all, stop_all
+from tests.service.workers import Beat, CeleryWorker, start_all, stop_all
 
 
 @dataclass
@@ -39,13 +39,15 @@ class Stack:
     gpu: list[CeleryWorker]
     light: CeleryWorker
     extra_workers: list[CeleryWorker] = field(default_factory=list)
+    beat: Beat | None = None
 
     @property
     def workers(self) -> list[CeleryWorker]:
         return [*self.gpu, self.light, *self.extra_workers]
 
     def logs(self, tail: int = 5000) -> str:
-        return "\n".join(f"--- {w.hostname} ---\n{w.log_text()[-tail:]}" for w in self.workers)
+        beat = f"\n--- beat ---\n{self.beat.log_text()[-tail:]}" if self.beat else ""
+        return "\n".join(f"--- {w.hostname} ---\n{w.log_text()[-tail:]}" for w in self.workers) + beat
 
     def all_logs(self) -> str:
         return "\n".join(w.log_text() for w in self.workers)
@@ -147,8 +149,10 @@ def start_stack(
     gpu_args: list[str] | None = None,
     versioned: bool = False,
     extra_env: dict[str, str] | None = None,
+    beat: bool = False,
 ) -> Iterator[Stack]:
-    """Start Redis (unless given), a bucket, ``gpu_workers`` GPU workers and a light worker.
+    """Start Redis (unless given), a bucket, ``gpu_workers`` GPU workers and a light worker
+    (and ``stylequeue beat``, which sends the lost-message recovery sweep, when ``beat``).
 
     ``extra_env`` values may name the module's bucket as ``{bucket}``.
     """
@@ -177,8 +181,12 @@ def start_stack(
     stack = Stack(env, settings, make_app(settings), bucket, client, s3_server, server, gpu, light)
     try:
         start_all([*gpu, light])
+        if beat:
+            stack.beat = Beat(env, tmp / "beat").start()
         yield stack
     finally:
+        if stack.beat is not None:
+            stack.beat.stop()
         stop_all(stack.workers, timeout=20)
         if not s3_server.running:
             s3_server.start()

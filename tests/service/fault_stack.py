@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from stylequeue.settings import Settings, load_settings
+from stylequeue.tasks.broker import queue_keys, task_ids_on_broker
 from tests.conftest import make_image
 from tests.servers import RedisServer, S3Server, service_env_for
 from tests.service.workers import Beat, CeleryWorker, start_all, stop_all
@@ -82,6 +83,12 @@ class Stack:
         return sum(1 for v in listing.get("Versions", []) if v["Key"] == key)
 
     # --- broker ----------------------------------------------------------------------------------
+    def on_broker(self) -> set[str]:
+        """Task ids queued (any priority list) or taken and unacknowledged: recovery's view."""
+        keys = queue_keys(self.app.conf.broker_transport_options)
+        queues = [self.settings.gpu_queue, self.settings.light_queue]
+        return task_ids_on_broker(self.redis.client(0), queues, keys)
+
     def queued(self) -> int:
         """Messages waiting in the GPU and light queues (every priority list) on the broker."""
         client = self.redis.client(0)

@@ -81,3 +81,14 @@ def test_suite_report_marks_a_failed_part_and_links_an_earlier_one(tmp_path: Pat
     assert "[engine_cpu.md](engine_cpu.md), from an earlier run (" in text
     assert "`seed` 4.50x" in text and "`gatys` not reached" in text
     assert "**FAILED in this run** (exit 3); see `logs/service.log`" in text
+
+
+def test_submit_bench_times_both_producer_apps_on_a_real_redis() -> None:
+    """bench/submit_bench.py: both apps submit against one redis-server; only one remembers."""
+    from bench import submit_bench
+
+    times = submit_bench.run(jobs=4, rounds=2)
+    assert {k: len(v) for k, v in times.items()} == {"remembering": 4, "plain": 4}
+    assert all(t > 0 for values in times.values() for t in values)
+    text = submit_bench.report(times)
+    assert re.search(r"median ratio remembering / plain: \*\*\d+\.\d\dx\*\*", text), text

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stylequeue.tasks.control import KEY_PREFIX, JobControl
 from tests.servers import S3Server
 from tests.service.fault_stack import Stack, job_spec, start_stack
 
@@ -42,6 +43,9 @@ class LoadReport:
     peak_used_memory: int = 0
     max_result_ttl_s: int = 0
     results_left_after_expiry: int = -1
+    # Cancel flags, delivery counters, job records, remembered messages: they expire with results.
+    control_keys_left_after_expiry: int = -1
+    active_jobs_left: int = -1  # the recovery sweep's index of jobs not ended, once all have
     result_expires_s: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -60,6 +64,8 @@ class LoadReport:
             ("result_expires", f"{self.result_expires_s} s"),
             ("largest result-key TTL seen", f"{self.max_result_ttl_s} s"),
             ("result keys left after expiry", self.results_left_after_expiry),
+            ("control keys left after expiry", self.control_keys_left_after_expiry),
+            ("jobs still in the active index", self.active_jobs_left),
         ]
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -139,8 +145,12 @@ def _count_outcomes(stack: Stack, jobs: list[Any], report: LoadReport) -> None:
         report.errors.append(f"results for ids never submitted: {sorted(unknown)[:5]}")
 
 
-def _result_keys(stack: Stack) -> list[bytes]:
-    return list(stack.redis.client(1).scan_iter(match=RESULT_PREFIX + b"*", count=1000))
+def _result_keys(stack: Stack, prefix: bytes = RESULT_PREFIX) -> list[bytes]:
+    return list(stack.redis.client(1).scan_iter(match=prefix + b"*", count=1000))
+
+
+def _expiring_keys(stack: Stack) -> list[bytes]:
+    return _result_keys(stack) + _result_keys(stack, KEY_PREFIX.encode())
 
 
 def run_load(jobs: int = 500, gpu_workers: int = 2, result_expires: int = 60,
@@ -171,6 +181,7 @@ def run_load(jobs: int = 500, gpu_workers: int = 2, result_expires: int = 60,
         report.jobs_per_min = 60.0 * len(done) / report.duration_s if report.duration_s else 0.0
         log(f"{len(done)} succeeded, {len(failed)} failed in {report.duration_s:.1f} s")
         _count_outcomes(stack, handles, report)
+        report.active_jobs_left = len(JobControl(stack.app).active_jobs())
         backend = stack.redis.client(1)
         # TTL -1: no expiry (a leak); -2: the key expired between the scan and this call.
         ttls = [int(backend.ttl(k)) for k in _result_keys(stack)]
@@ -180,9 +191,10 @@ def run_load(jobs: int = 500, gpu_workers: int = 2, result_expires: int = 60,
         if wait_for_expiry:
             log(f"waiting up to {result_expires + 5} s for results to expire")
             deadline = time.monotonic() + result_expires + 5
-            while _result_keys(stack) and time.monotonic() < deadline:
+            while _expiring_keys(stack) and time.monotonic() < deadline:
                 time.sleep(1.0)
             report.results_left_after_expiry = len(_result_keys(stack))
+            report.control_keys_left_after_expiry = len(_result_keys(stack, KEY_PREFIX.encode()))
     return report
 
 

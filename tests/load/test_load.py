@@ -26,3 +26,4 @@ def test_500_jobs_through_two_workers_none_lost_none_twice(tmp_path) -> None:
     assert report.peak_used_memory - report.baseline_used_memory < MEMORY_BOUND
     assert 0 < report.max_result_ttl_s <= 60
     assert report.results_left_after_expiry == 0
+    assert report.control_keys_left_after_expiry == 0 and report.active_jobs_left == 0

@@ -88,9 +88,17 @@ def _restore_options(settings: Settings) -> dict[str, int]:
     back on the queue once it is older than the visibility timeout, but only when its periodic
     sweep runs: by default every 10 s x a throttle of 10. Sweeping every eighth of the visibility
     timeout (1 to 60 s, throttle 1) bounds the extra wait to a fraction of the timeout itself.
+
+    The sweep holds a Redis lock (``unacked_mutex``) for the milliseconds it takes; kombu lets it
+    expire after 300 s. A broker restart while a worker holds it leaves it behind (appendonly keeps
+    it, the release fails), and no worker restores anything until it expires: jobs of dead
+    workers, and jobs terminated by the connection loss, then wait five minutes. Twice the sweep
+    interval (at least 10 s) is plenty for a sweep, and concurrent sweeps are safe anyway (each
+    restore is a WATCH transaction on the ``unacked`` hash).
     """
-    return {"unacked_restore_interval": max(1, min(60, settings.visibility_timeout // 8)),
-            "unacked_restore_throttle": 1}
+    interval = max(1, min(60, settings.visibility_timeout // 8))
+    return {"unacked_restore_interval": interval, "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": max(10, 2 * interval)}
 
 
 def _queues(settings: Settings) -> tuple[Queue, Queue]:

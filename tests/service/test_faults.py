@@ -126,18 +126,25 @@ def test_dead_workers_jobs_are_swept_soon_after_the_visibility_timeout() -> None
         options = celery_config(settings)["broker_transport_options"]
         assert options["unacked_restore_interval"] == interval
         assert options["unacked_restore_throttle"] == 1
+        assert options["unacked_mutex_expire"] == max(10, 2 * interval)  # kombu's default: 300 s
 
 
 def test_sigkill_of_a_whole_worker_mid_job_redelivers_and_resumes(fs: Stack) -> None:
     """The node failure: the worker's main process is SIGKILLed mid-job (its pool child dies with
     it). The message stays in kombu's unacked hash; after the visibility timeout another worker
-    restores and runs it, resuming from the last checkpoint; result.json is written exactly once."""
+    restores and runs it, resuming from the last checkpoint; result.json is written exactly once.
+    A stale restore lock (what a Redis restart mid-sweep leaves) delays this by seconds, not minutes."""
     job = submit(_spec(fs, iterations=14), app=fs.app)
     stylize_id = job.task_ids[1]
     wait_for(lambda: (p := job.progress()) and p["iteration"] >= 5, 90, "five iterations", logs=fs.logs)
     victim = wait_for(lambda: _worker_running(fs, stylize_id), 10, "the worker running the job")
     survivor = next(w for w in fs.gpu if w is not victim)
     children = pids_of_children(victim.proc.pid)
+    # A restore lock left behind as a broker restart leaves it (held by a sweep whose connection
+    # died), with the expiry our workers set on it; kombu's own 300 s would stall every restore
+    # past this test's wait.
+    lock_s = fs.app.conf.broker_transport_options["unacked_mutex_expire"]
+    fs.redis.client(0).set("unacked_mutex", "left-by-a-dead-sweep", px=lock_s * 1000)
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait(timeout=10)
     # The pool child has PR_SET_PDEATHSIG=SIGKILL: it dies with its parent, it does not finish alone.
@@ -191,8 +198,12 @@ def test_redis_restart_with_jobs_queued_and_running(fs: Stack) -> None:
         try:
             summary = job.wait(timeout=VISIBILITY_TIMEOUT + 120)
         except TimeoutError:  # say where the job's messages are, for the next person to read
-            raise AssertionError(f"{job.job_id} stuck; its task ids on the broker (queued or unacked): "
-                                 f"{sorted(set(job.task_ids) & fs.on_broker())}\n{fs.logs()}") from None
+            client = fs.redis.client(0)
+            unacked = [t for t in job.task_ids if any(t.encode() in v for v in client.hvals("unacked"))]
+            raise AssertionError(
+                f"{job.job_id} stuck; its task ids on the broker: {sorted(set(job.task_ids) & fs.on_broker())}"
+                f", of which in unacked: {unacked}; restore lock TTL: {client.pttl('unacked_mutex')} ms"
+                f"\n{fs.logs()}") from None
         assert summary["status"] == "succeeded", fs.logs()
         assert fs.versions(job.metadata_uri) == 1
         started_from.append(fs.get_json(job.metadata_uri)["steps"][0]["started_from"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.report import _fmt
+
 PHASES = {
     "queue_to_validate_s": "submit -> validate starts (light queue)",
     "validate_s": "validate (read and decode inputs, check limits)",
@@ -18,11 +20,8 @@ PHASES = {
 
 
 def _f(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
+    """The engine report's number format, three significant digits by default."""
+    return _fmt(value, digits)
 
 
 def _ms(value: Any) -> str:

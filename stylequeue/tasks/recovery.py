@@ -58,19 +58,15 @@ class SweepReport:
 
 
 class Recovery:
-    """One sweep over the active jobs; ``now`` and ``broker_ids`` are injectable for tests."""
+    """One sweep over the active jobs; ``now`` is injectable (tests look past the grace)."""
 
-    def __init__(self, app: Celery, *, broker_ids: Callable[[], set[str]] | None = None,
-                 now: Callable[[], float] = time.time) -> None:
+    def __init__(self, app: Celery, *, now: Callable[[], float] = time.time) -> None:
         self.app = app
         self.settings: Settings = settings_of(app)
         self.control = JobControl(app)
         self.now = now
-        self._broker_ids = broker_ids
 
     def broker_ids(self) -> set[str]:
-        if self._broker_ids is not None:
-            return self._broker_ids()
         keys = queue_keys(self.app.conf.broker_transport_options)
         client = redis_client_for(self.settings.resolved_broker_url, "lost-message recovery")
         try:
@@ -80,7 +76,7 @@ class Recovery:
 
     def sweep(self) -> SweepReport:
         report = SweepReport()
-        if self._broker_ids is None and not is_redis_url(self.settings.resolved_broker_url):
+        if not is_redis_url(self.settings.resolved_broker_url):
             report.skipped = "the broker is not Redis; it cannot lose messages this way"
             return report
         # Two beats, or a slow sweep overlapping the next: one at a time.
@@ -109,7 +105,7 @@ class Recovery:
             elif waiting_on in present:
                 self.control.clear_missing(waiting_on)
                 report.on_broker += 1
-            elif self.now() - self.control.missing_since(waiting_on, self.now()) < self.grace_s:
+            elif (now := self.now()) - self.control.missing_since(waiting_on, now) < self.grace_s:
                 report.missing += 1
             else:
                 lost.append((job_id, waiting_on))

@@ -1,4 +1,5 @@
-"""Analytic FLOP counts of one style-transfer iteration, from VGG19's conv shapes.
+"""Analytic FLOP counts of one style-transfer iteration, from the network's conv shapes
+(:class:`stylequeue.engine.network.Network`).
 
 Formulas (a multiply-add counts as 2 FLOPs; ReLU, pooling, the losses' element-wise work and the
 optimiser's update are left out: they are memory-bound and a few per cent of the FLOPs):
@@ -19,79 +20,44 @@ through the weights) + Gram products for the image and the style, forward and ba
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
-from stylequeue.engine.vgg import LAYER_INDEX, LAYER_NAMES
+from stylequeue.engine.network import VGG19, Network
 
-# torchvision's VGG19 "E": channel counts, "M" for a 2x2 pool.
-VGG19_CFG: tuple[int | str, ...] = (
-    64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-    512, 512, 512, 512, "M", 512, 512, 512, 512, "M",
-)  # fmt: skip
 SEED_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 
 
-@dataclass(frozen=True)
-class Conv:
-    name: str
-    cin: int
-    cout: int
-    height: int
-    width: int
-
-    @property
-    def forward_flops(self) -> int:
-        return 2 * self.cin * self.cout * 9 * self.height * self.width
+def forward_flops(height: int, width: int, last_layer: str = "pool5", network: Network = VGG19) -> int:
+    """FLOPs of the convs a forward to ``last_layer`` runs on an (H, W) input."""
+    return sum(f for _, f in network.conv_forward_flops(height, width, last_layer))
 
 
-def convs(height: int, width: int, last_layer: str = "pool5") -> list[Conv]:
-    """The convs a forward to ``last_layer`` runs on an (H, W) input, with their output sizes."""
-    last = LAYER_INDEX[last_layer]
-    out: list[Conv] = []
-    cin, h, w, index = 3, height, width, 0
-    for item in VGG19_CFG:
-        if index > last:
-            break
-        if item == "M":
-            h, w, index = h // 2, w // 2, index + 1
-            continue
-        out.append(Conv(LAYER_NAMES[index], cin, int(item), h, w))
-        cin, index = int(item), index + 2  # conv, then its relu
-    return out
+def feature_shapes(
+    height: int, width: int, layers: Sequence[str], network: Network = VGG19
+) -> dict[str, tuple[int, int, int]]:
+    """(C, h, w) of each named layer's output."""
+    deepest = network.deepest(layers).name
+    return {layer.name: (c, h, w) for layer, c, h, w in network.shapes(height, width, deepest)
+            if layer.name in set(layers)}
 
 
-def feature_shapes(height: int, width: int, layers: Sequence[str]) -> dict[str, tuple[int, int, int]]:
-    """(C, h, w) of each named layer's output (conv and relu share a shape; a pool halves)."""
-    shapes = {}
-    for name in layers:
-        index = LAYER_INDEX[name]
-        if name.startswith("pool"):
-            conv = convs(height, width, LAYER_NAMES[index - 2])[-1]
-            shapes[name] = (conv.cout, conv.height // 2, conv.width // 2)
-        else:
-            conv = convs(height, width, LAYER_NAMES[index - (index % 2 != 0)]) [-1]
-            shapes[name] = (conv.cout, conv.height, conv.width)
-    return shapes
-
-
-def gram_flops(height: int, width: int, layers: Sequence[str]) -> int:
+def gram_flops(height: int, width: int, layers: Sequence[str], network: Network = VGG19) -> int:
     """Forward FLOPs of the Gram matrices of ``layers``."""
-    return sum(2 * c * c * h * w for c, h, w in feature_shapes(height, width, layers).values())
+    return sum(2 * c * c * h * w for c, h, w in feature_shapes(height, width, layers, network).values())
 
 
 def engine_iteration_flops(height: int, width: int, content_layers: Sequence[str],
-                           style_layers: Sequence[str]) -> int:
+                           style_layers: Sequence[str], network: Network = VGG19) -> int:
     """One engine iteration (one loss evaluation and its gradient) on an (H, W) image."""
-    deepest = max(list(content_layers) + list(style_layers), key=LAYER_INDEX.__getitem__)
-    forward = sum(c.forward_flops for c in convs(height, width, deepest))
-    gram = gram_flops(height, width, style_layers)
+    deepest = network.deepest([*content_layers, *style_layers]).name
+    forward = forward_flops(height, width, deepest, network)
+    gram = gram_flops(height, width, style_layers, network)
     return 2 * forward + 3 * gram
 
 
 def seed_step_flops(height: int, width: int) -> int:
-    """One step of the seed's loop (bench/seed_loop.py) on an (H, W) image."""
-    full = sum(c.forward_flops for c in convs(height, width, "pool5"))
-    to_conv5_1 = sum(c.forward_flops for c in convs(height, width, "relu5_1"))
+    """One step of the seed's loop (bench/seed_loop.py, VGG19) on an (H, W) image."""
+    full = forward_flops(height, width, "pool5")
+    to_conv5_1 = forward_flops(height, width, "relu5_1")
     gram = gram_flops(height, width, SEED_LAYERS)
     return 3 * full + 3 * 2 * to_conv5_1 + 2 * 3 * gram

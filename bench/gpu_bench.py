@@ -9,7 +9,7 @@
 2. memory peak of each (``torch.cuda.max_memory_allocated``, a separate short run each);
 3. FLOPs per iteration (bench/flops.py) and achieved TFLOP/s next to the H200's peaks;
 4. bf16 autocast against float32: speed and the final seed objective after the same iterations;
-5. batching of 1, 2, 4, 8 jobs of 512 px through stylize_batch (a marked TODO if the engine has none).
+5. batching of 1, 2, 4, 8 jobs of 512 px through stylize_batch.
 
 Weights are ``random:0`` unless --weights names a file: there is no network on the GPU machine.
 Random weights give real timings and FLOPs; the losses are comparable between runs, the images
@@ -40,7 +40,7 @@ from bench.harness import (
 from bench.gpu_report import write_gpu_report
 from bench.seed_loop import pil_to_unit
 from stylequeue import engine
-from stylequeue.engine import StyleConfig, VGGFeatures, preset
+from stylequeue.engine import BatchItem, StyleConfig, VGGFeatures, preset, stylize_batch
 from stylequeue.engine.device import plan_execution
 from stylequeue.engine.weights import load_weights
 
@@ -199,16 +199,11 @@ def batching(args: argparse.Namespace, inputs: tuple, weights: Any, device: torc
     excluded), image-iterations per second, memory peak, and how far item 0's image is from the
     same job run alone (max |difference| in 8-bit levels).
     """
-    try:
-        from stylequeue.engine.batch import BatchItem, stylize_batch
-    except ImportError:
-        print("batching: not available in this build")
-        return {"available": False, "note": "batching: not available in this build"}
     warm, n = args.chunk, args.chunk * args.chunks
     cfg = preset("default", size=args.batch_size, iterations=warm + n, device=str(device),
                  progress_every=args.chunk)
     model = _model(cfg, weights, device, models)
-    out: dict[str, Any] = {"available": True, "size": args.batch_size, "preset": "default",
+    out: dict[str, Any] = {"size": args.batch_size, "preset": "default",
                            "precision": plan_execution(device, cfg.precision).precision,
                            "iterations_timed": n, "runs": {}}
     alone = None

@@ -57,8 +57,8 @@ def _precision_lines(prec: dict[str, Any]) -> list[str]:
 
 
 def _batch_lines(b: dict[str, Any]) -> list[str]:
-    if not b.get("available"):
-        return [f"**TODO (issue 5)**: {b.get('note') or b.get('error')}"]
+    if b.get("error"):
+        return [f"**failed**: {b['error']}"]
     lines = [f"`stylize_batch` of B identical `{b['preset']}` jobs at {b['size']} px ({b['precision']}),",
              f"{b['iterations_timed']} timed iterations after a warm-up chunk. 'gain' = image-iterations per",
              "second against B = 1. 'diff' = max |item 0 - the B = 1 image| in 8-bit levels.", "",

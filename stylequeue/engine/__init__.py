@@ -4,7 +4,7 @@
     model = VGGFeatures.from_weights(load_weights("imagenet"), pooling=cfg.pooling)
     result = stylize(content, [style], cfg, model=model, callback=print)
     result.image.save("out.png"); json.dump(result.metadata(), ...)
-    results = stylize_batch([BatchItem(c, [style]) for c in contents], cfg, model=model)  # same size
+    results = stylize_batch([BatchItem(c, [style]) for c in contents], cfg, model=model)  # one size
 """
 
 from __future__ import annotations
@@ -18,20 +18,21 @@ _EXPORTS: dict[str, str] = {
     "StyleConfig": "config",
     "PRESETS": "presets",
     "preset": "presets",
-    "LAYER_NAMES": "layers",
+    "NETWORKS": "network",
+    "Network": "network",
     "ContentLoss": "losses",
     "StyleLoss": "losses",
     "StyleTransferLoss": "losses",
     "TVLoss": "losses",
     "gram_matrix": "losses",
     "OptimState": "state",
-    "Progress": "transfer",
-    "StyleResult": "transfer",
-    "scale_sizes": "transfer",
+    "Progress": "result",
+    "StyleResult": "result",
+    "scale_sizes": "config",
     "stylize": "transfer",
-    "BatchItem": "batch",
-    "stylize_batch": "batch",
-    "stylize_many": "batch",
+    "BatchItem": "transfer",
+    "stylize_batch": "transfer",
+    "stylize_many": "transfer",
     "LruTargetCache": "targets",
     "TargetCache": "targets",
     "style_target_key": "targets",
@@ -49,8 +50,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BatchItem",
-    "LAYER_NAMES",
     "LruTargetCache",
+    "NETWORKS",
+    "Network",
     "PRESETS",
     "ContentLoss",
     "OptimState",

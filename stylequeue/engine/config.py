@@ -8,9 +8,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from stylequeue.engine.layers import POOLINGS, check_layers
+from stylequeue.engine.network import POOLINGS, VGG19
 from stylequeue.exceptions import ConfigError
 
 OPTIMIZERS = ("adam", "lbfgs")
@@ -32,6 +32,12 @@ MAX_SIZE = 8192
 MAX_SCALES = 10
 
 RELU_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+
+# Settings a checkpoint may differ in from the run that resumes it: they do not change the result.
+RESUME_FREE = ("device", "precision", "compile", "progress_every", "checkpoint_every")
+# Settings that may differ between the items of one batch: they act on each item's own start,
+# targets, averaging or cadence, never on the shared forward pass or the shared loss weights.
+BATCH_FREE = ("seed", "init", "style_blend_weights", "ema_decay", "progress_every", "checkpoint_every")
 
 
 def gatys_style_layer_weights(
@@ -96,6 +102,10 @@ class StyleConfig:
         _check_layers(self)
         return self
 
+    def batch_signature(self) -> dict[str, Any]:
+        """The settings every item of a batch must share (all but BATCH_FREE)."""
+        return {k: v for k, v in self.to_dict().items() if k not in BATCH_FREE}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples become lists)."""
         return {
@@ -130,6 +140,36 @@ class StyleConfig:
     def total_iterations(self) -> int:
         """Steps over all scales."""
         return self.iterations * self.scales
+
+    @property
+    def scale_sizes(self) -> list[int]:
+        """The output's longest side at each scale, coarse to fine."""
+        return scale_sizes(self.size, self.min_size, self.scales)
+
+    def output_sizes(self, content_size: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+        """(width, height) of the optimised image at each scale for a content of ``content_size``."""
+        from stylequeue.engine.images import fit_longest  # Pillow only when sizes are asked for
+
+        return tuple(fit_longest(content_size, side) for side in self.scale_sizes)
+
+    def check_content_size(self, content_size: tuple[int, int], name: str) -> None:
+        """ConfigError naming the image ``name`` when a scale's image would be too small for the
+        deepest layer (an extreme aspect ratio: 2000x4 at 32 px is 32x1); cheap, so checked before
+        anything runs."""
+        deepest = VGG19.deepest([*self.content_layers, *self.style_layers]).name
+        for width, height in self.output_sizes(content_size):
+            try:
+                VGG19.check_input_size((height, width), deepest)
+            except ConfigError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+
+
+def scale_sizes(size: int, min_size: int, scales: int) -> list[int]:
+    """Longest sides, coarse to fine, in a geometric progression ending at ``size``."""
+    if scales == 1:
+        return [size]
+    ratio = size / min_size
+    return [round(min_size * ratio ** (i / (scales - 1))) for i in range(scales)]
 
 
 def _check_choices(cfg: StyleConfig) -> None:
@@ -209,7 +249,7 @@ def _check_layers(cfg: StyleConfig) -> None:
             raise ConfigError(f"{kind}_layers must name at least one VGG19 layer")
         if len(set(layers)) != len(layers):
             raise ConfigError(f"{kind}_layers lists a layer twice: {list(layers)}")
-        check_layers(layers, what=f"{kind} layer")
+        VGG19.check_layers(layers, what=f"{kind} layer")
         if weights is not None:
             if len(weights) != len(layers):
                 raise ConfigError(
@@ -218,6 +258,11 @@ def _check_layers(cfg: StyleConfig) -> None:
                 )
             for w in weights:
                 _check_weight(f"each {kind} layer weight", w)
+
+
+def differences(a: Mapping[str, Any], b: Mapping[str, Any], free: Sequence[str]) -> list[str]:
+    """The settings, other than ``free``, in which two ``StyleConfig.to_dict()`` dicts differ."""
+    return sorted(k for k in (a.keys() | b.keys()) - set(free) if a.get(k) != b.get(k))
 
 
 def layer_weights(layers: tuple[str, ...], weights: tuple[float, ...] | None) -> dict[str, float]:

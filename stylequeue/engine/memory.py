@@ -13,9 +13,8 @@ from typing import Sequence
 
 import torch
 
-from stylequeue.engine.vgg import LAYER_INDEX, LAYER_NAMES
+from stylequeue.engine.network import VGG19, Network
 
-_BLOCK_CHANNELS = (64, 128, 256, 512, 512)
 # Share of the free memory a batch may plan to use.
 SAFETY = 0.6
 # Per-image float32 tensors of the image's size: image, its gradient, Adam's two moments, EMA,
@@ -23,31 +22,19 @@ SAFETY = 0.6
 _IMAGE_COPIES = 8
 
 
-def _layer_shapes(height: int, width: int, last: int) -> list[tuple[str, int, int, int]]:
-    """(name, channels, h, w) of each module's output, up to index ``last``."""
-    shapes = []
-    h, w = height, width
-    for name in LAYER_NAMES[: last + 1]:
-        block = int(name[4])  # conv3_2, relu3_2, pool3: the block is the fifth character
-        channels = _BLOCK_CHANNELS[block - 1]
-        if name.startswith("pool"):
-            h, w = h // 2, w // 2  # kernel 2, stride 2, floor
-        shapes.append((name, channels, h, w))
-    return shapes
-
-
-def activation_bytes(height: int, width: int, layers: Sequence[str], *, dtype_bytes: int = 4) -> int:
-    """Bytes one image needs for one forward and backward of VGG19 cut at ``layers``' deepest.
+def activation_bytes(
+    height: int, width: int, layers: Sequence[str], *, dtype_bytes: int = 4, network: Network = VGG19
+) -> int:
+    """Bytes one image needs for one forward and backward of ``network`` cut at ``layers``' deepest.
 
     ``dtype_bytes`` is the forward's element size: 4 for float32, 2 under bf16/fp16 autocast.
     """
-    last = max(LAYER_INDEX[name] for name in layers)
-    shapes = _layer_shapes(height, width, last)
+    shapes = network.shapes(height, width, network.deepest(layers).name)
     sizes = [c * h * w for _, c, h, w in shapes]
     saved = sum(sizes) * dtype_bytes  # outputs autograd keeps for the backward pass
     gradients = 2 * max(sizes) * dtype_bytes  # incoming and outgoing gradient of the widest layer
     wanted = set(layers)
-    losses = sum(2 * c * h * w * 4 for name, c, h, w in shapes if name in wanted)  # float32 copies
+    losses = sum(2 * c * h * w * 4 for layer, c, h, w in shapes if layer.name in wanted)  # float32 copies
     image = _IMAGE_COPIES * 3 * height * width * 4
     return saved + gradients + losses + image
 
@@ -60,10 +47,12 @@ def max_batch(free_bytes: int, per_image_bytes: int, *, cap: int, safety: float 
 
 
 def fit_batch_size(
-    height: int, width: int, layers: Sequence[str], device: torch.device, *, cap: int, dtype_bytes: int = 4
+    height: int, width: int, layers: Sequence[str], device: torch.device, *, cap: int, dtype_bytes: int = 4,
+    network: Network = VGG19,
 ) -> int:
     """The batch size to run at (height, width) on ``device``: ``cap`` off CUDA, else what fits now."""
     if device.type != "cuda" or cap <= 1:
         return max(1, cap)
     free, _total = torch.cuda.mem_get_info(device)
-    return max_batch(free, activation_bytes(height, width, layers, dtype_bytes=dtype_bytes), cap=cap)
+    per_image = activation_bytes(height, width, layers, dtype_bytes=dtype_bytes, network=network)
+    return max_batch(free, per_image, cap=cap)

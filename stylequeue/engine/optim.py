@@ -1,15 +1,14 @@
-"""Optimisers, one optimisation step, and carrying Adam's state to a larger scale."""
+"""Optimisers, and carrying an optimisation up to the next, larger scale."""
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from stylequeue.engine.config import StyleConfig
-from stylequeue.engine.losses import LossTerms
 
 # L-BFGS memory: jcjohnson/neural-style keeps 100 corrections; 50 halves the memory at little cost.
 LBFGS_HISTORY = 50
@@ -32,39 +31,6 @@ def make_optimizer(config: StyleConfig, image: torch.Tensor) -> torch.optim.Opti
         [image], lr=config.lr, max_iter=1, history_size=LBFGS_HISTORY,
         tolerance_grad=0.0, tolerance_change=0.0,
     )
-
-
-def optimizer_step(
-    optimizer: torch.optim.Optimizer,
-    image: torch.Tensor,
-    evaluate: Callable[[torch.Tensor], LossTerms],
-    *,
-    clamp: bool,
-) -> LossTerms:
-    """One iteration; returns the (detached) loss terms at the point before the update."""
-    last: list[LossTerms] = []
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        terms = evaluate(image)
-        total = terms.total.sum()  # per-image losses are independent, so sum them
-        total.backward()
-        last.append(_detach(terms))
-        return total
-
-    if isinstance(optimizer, torch.optim.LBFGS):
-        optimizer.step(closure)
-    else:
-        closure()
-        optimizer.step()
-    if clamp:
-        with torch.no_grad():
-            image.clamp_(0, 1)
-    return last[-1]
-
-
-def _detach(terms: LossTerms) -> LossTerms:
-    return LossTerms(*(t.detach() for t in (terms.total, terms.content, terms.style, terms.tv)))
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int], *, clamp: bool) -> torch.Tensor:
@@ -92,6 +58,28 @@ def carry_optimizer_state(
             param_state["exp_avg_sq"], size=size, mode="bilinear", align_corners=False
         )
     new_optimizer.load_state_dict(state)
+
+
+def carry_up(
+    config: StyleConfig,
+    image: torch.Tensor,
+    optimizer_state: dict[str, Any],
+    ema: torch.Tensor | None,
+    size: tuple[int, int],
+) -> tuple[torch.Tensor, torch.optim.Optimizer, torch.Tensor | None]:
+    """A finished scale's image, optimiser and averaged image, continued at an (H, W) ``size``.
+
+    The one rule for moving up a scale, whether the previous scale ran in this call or was saved
+    by another process (a chain step): the image is resized bicubically (clamped in pixel space),
+    Adam's moments as :func:`carry_optimizer_state` says. Returns the new leaf tensor (requires
+    grad), a fresh optimiser over it holding the carried state, and the resized EMA.
+    """
+    clamp = config.space == "pixel"
+    carried = resize_image(image.detach(), size, clamp=clamp).requires_grad_(True)
+    optimizer = make_optimizer(config, carried)
+    carry_optimizer_state(optimizer_state, optimizer, size)
+    carried_ema = resize_image(ema, size, clamp=clamp) if ema is not None else None
+    return carried, optimizer, carried_ema
 
 
 def to_cpu(value: Any) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from stylequeue.engine.config import RESUME_FREE, StyleConfig, differences
 from stylequeue.exceptions import ConfigError
 
 FORMAT_VERSION = 1
@@ -29,6 +30,33 @@ class OptimState:
     config: dict[str, Any]
     ema_image: torch.Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def changed_settings(self, config: StyleConfig) -> list[str]:
+        """Settings in which ``config`` differs from the run that saved this state (RESUME_FREE
+        aside): resuming under any of them would continue another optimisation."""
+        return differences(config.to_dict(), self.config, RESUME_FREE)
+
+    def matches(self, config: StyleConfig) -> bool:
+        """Did this state come from a run of ``config`` (cadence and device aside)?"""
+        return not self.changed_settings(config)
+
+    def check_resumes(self, config: StyleConfig, size: tuple[int, ...] | None = None) -> None:
+        """ConfigError unless a run of ``config`` (at an (H, W) image of ``size``) can continue this."""
+        changed = self.changed_settings(config)
+        if changed:
+            raise ConfigError(
+                f"cannot resume: the saved state was made with different settings {changed}; "
+                "resume with the job's original settings or start again"
+            )
+        if size is not None and tuple(self.image.shape[-2:]) != tuple(size):
+            raise ConfigError(
+                f"cannot resume: the saved image is {tuple(self.image.shape[-2:])} but this scale is "
+                f"{tuple(size)}; resume with the same content image"
+            )
+
+    def scale_finished(self, iterations: int) -> bool:
+        """Has its scale run all ``iterations`` steps (iterations count over all scales)?"""
+        return self.iteration >= (self.scale_index + 1) * iterations
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()

@@ -1,7 +1,8 @@
-"""VGG19 feature extractor, named by layer, cut at the deepest layer a job needs.
+"""VGG feature extractor, named by layer, cut at the deepest layer a job needs.
 
-Simonyan & Zisserman's VGG19 as torchvision builds it (``vgg19().features``: 37 modules).
-Gatys et al. (2015) take content and style representations from its activations.
+Simonyan & Zisserman's VGG as torchvision lays out ``vgg19().features``, built from the one
+description of the network in :mod:`stylequeue.engine.network`. Gatys et al. (2015) take content
+and style representations from its activations.
 """
 
 from __future__ import annotations
@@ -10,16 +11,8 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
-from torchvision.models.vgg import cfgs, make_layers
 
-from stylequeue.engine.layers import (  # noqa: F401  (re-exported: the names belong with VGG)
-    LAYER_INDEX,
-    LAYER_NAMES,
-    POOLINGS,
-    check_input_size,
-    check_layers,
-    min_side_for,
-)
+from stylequeue.engine.network import POOLINGS, VGG19, Layer, Network, features_only
 from stylequeue.exceptions import ConfigError, WeightsError
 
 # ImageNet statistics torchvision's VGG19 was trained with (RGB, inputs in [0, 1]).
@@ -32,15 +25,23 @@ class _HasWeights(Protocol):
     info: Any
 
 
-def _features_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Accept a features-only dict ("0.weight") or a full VGG19 one ("features.0.weight")."""
-    if any(key.startswith("features.") for key in state_dict):
-        return {k[len("features."):]: v for k, v in state_dict.items() if k.startswith("features.")}
-    return dict(state_dict)
+def _module(layer: Layer, pooling: str) -> nn.Module:
+    if layer.kind == "conv":
+        return nn.Conv2d(layer.in_channels, layer.channels, kernel_size=3, padding=1)
+    if layer.kind == "relu":
+        # Not in place, so a conv output survives when its relu is also requested.
+        return nn.ReLU(inplace=False)
+    if pooling == "avg":
+        # Gatys et al. (2015): average pooling improves gradient flow and looks smoother.
+        return nn.AvgPool2d(kernel_size=2, stride=2)
+    return nn.MaxPool2d(kernel_size=2, stride=2)
 
 
 class VGGFeatures(nn.Module):
-    """Frozen VGG19 features. Input: RGB in [0, 1], (B, 3, H, W); ImageNet normalisation inside."""
+    """Frozen VGG features. Input: RGB in [0, 1], (B, 3, H, W); ImageNet normalisation inside.
+
+    ``state_dict``: a features-only or full torchvision state dict (see network.features_only).
+    """
 
     def __init__(
         self,
@@ -48,29 +49,20 @@ class VGGFeatures(nn.Module):
         *,
         pooling: str = "max",
         info: Any = None,
+        network: Network = VGG19,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        # The same 37 modules as vgg19().features, without building (and initialising) the classifier.
-        features = make_layers(cfgs["E"])
+        self.network = network
+        self.layers = nn.ModuleList(_module(layer, pooling) for layer in network.layers)
         try:
-            features.load_state_dict(_features_state_dict(state_dict))
+            self.layers.load_state_dict(features_only(state_dict))
         except RuntimeError as exc:
             raise WeightsError(
-                f"the weights do not fit VGG19's feature layers ({exc}); give a torchvision VGG19 "
-                "state dict, full or features-only"
+                f"the weights do not fit {network.name.upper()}'s feature layers ({exc}); give a "
+                f"torchvision {network.name.upper()} state dict, full or features-only"
             ) from exc
-        layers: list[nn.Module] = []
-        for module in features:
-            if isinstance(module, nn.MaxPool2d) and pooling == "avg":
-                # Gatys et al. (2015): average pooling improves gradient flow and looks smoother.
-                module = nn.AvgPool2d(kernel_size=module.kernel_size, stride=module.stride)
-            elif isinstance(module, nn.ReLU):
-                # Not in place, so a conv output survives when its relu is also requested.
-                module = nn.ReLU(inplace=False)
-            layers.append(module)
-        self.layers = nn.ModuleList(layers)
         self.pooling = pooling
         self.info = info
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
@@ -106,15 +98,13 @@ class VGGFeatures(nn.Module):
         ``normalized=True`` means ``x`` is already ImageNet-normalised (the ``seed`` preset
         optimises that tensor directly, as the seed's code does).
         """
-        check_layers(layers)
         wanted = set(layers)
-        last = max(LAYER_INDEX[name] for name in wanted)
-        check_input_size(tuple(x.shape[-2:]), LAYER_NAMES[last])
+        last = self.network.deepest(wanted)
+        self.network.check_input_size(tuple(x.shape[-2:]), last.name)
         out: dict[str, torch.Tensor] = {}
         h = x if normalized else self.normalize(x)
-        for index in range(last + 1):
-            h = self.layers[index](h)
-            name = LAYER_NAMES[index]
-            if name in wanted:
-                out[name] = h
+        for layer in self.network.layers[: last.index + 1]:
+            h = self.layers[layer.index](h)
+            if layer.name in wanted:
+                out[layer.name] = h
         return out

@@ -25,7 +25,6 @@ import math
 import os
 import re
 import tempfile
-import threading
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from stylequeue.engine.network import VGG19, features_only
 from stylequeue.fileio import atomic_file, atomic_path
 from stylequeue.exceptions import (
     ConfigError,
@@ -44,16 +44,9 @@ from stylequeue.exceptions import (
 
 log = logging.getLogger(__name__)
 
-# torchvision's VGG19 ("E") layout: channel counts, "M" for max-pool. Each conv is followed by a
-# ReLU, so conv N sits at index N of ``features`` and its ReLU at N + 1.
-VGG19_CFG: tuple[int | str, ...] = (
-    64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-    512, 512, 512, 512, "M", 512, 512, 512, 512, "M",
-)  # fmt: skip
 IMAGENET_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 # How long to wait for download.pytorch.org before saying "no network" (seconds).
 DOWNLOAD_TIMEOUT_S = 10.0
-_CACHE_SIZE = 4
 # Extra key that export_features() writes into a file made from random weights.
 RANDOM_MARKER = "stylequeue.random_seed"
 
@@ -65,21 +58,7 @@ _ACCEPTED = (
 )
 
 
-def _expected_shapes() -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    index, channels = 0, 3
-    for item in VGG19_CFG:
-        if item == "M":
-            index += 1
-            continue
-        out = int(item)
-        shapes[f"{index}.weight"] = (out, channels, 3, 3)
-        shapes[f"{index}.bias"] = (out,)
-        index, channels = index + 2, out
-    return shapes
-
-
-FEATURE_SHAPES: dict[str, tuple[int, ...]] = _expected_shapes()
+FEATURE_SHAPES: dict[str, tuple[int, ...]] = VGG19.parameter_shapes()
 
 
 @dataclass(frozen=True)
@@ -114,11 +93,6 @@ def register_fetcher(scheme: str, fn: Fetcher) -> None:
 
 # --- the public entry point ---------------------------------------------------------------
 
-# (source, sha256, local file stamp) -> weights; at most _CACHE_SIZE, least recently used first.
-_cache: dict[tuple[Any, ...], LoadedWeights] = {}
-_cache_lock = threading.Lock()
-
-
 def load_weights(
     source: str | os.PathLike[str], *, sha256: str | None = None, cache_dir: str | None = None
 ) -> LoadedWeights:
@@ -126,19 +100,12 @@ def load_weights(
 
     ``sha256``, when given, must match the weights file (:class:`WeightsChecksumError` if not).
     ``cache_dir`` keeps fetched ``scheme://`` files between processes; without it they are fetched
-    to a temporary directory. Within a process, loads are cached by (source, sha256), so a worker
-    reads its weights once.
+    to a temporary directory. Every call reads the file: a process that keeps its weights keeps
+    them in :mod:`stylequeue.worker.resources`.
     """
     source = str(source).strip()
     sha256 = sha256.strip().lower() if sha256 else None
-    key = (source, sha256, _file_stamp(source))
-    with _cache_lock:
-        loaded = _cache.pop(key, None)  # re-inserted below: the dict's order is recency (LRU)
-        if loaded is None:
-            loaded = _load_uncached(source, sha256, cache_dir)
-            if len(_cache) >= _CACHE_SIZE:
-                _cache.pop(next(iter(_cache)))  # the least recently used
-        _cache[key] = loaded
+    loaded = _load(source, sha256, cache_dir)
     if loaded.info.random:
         log.warning(
             "USING RANDOM VGG19 WEIGHTS (%s): the output is NOT a real style transfer. "
@@ -149,22 +116,7 @@ def load_weights(
     return loaded
 
 
-def clear_cache() -> None:
-    """Forget weights loaded in this process (tests; a worker that swaps weights)."""
-    with _cache_lock:
-        _cache.clear()
-
-
-def _file_stamp(source: str) -> tuple[int, int] | None:
-    """A local file's (mtime, size), so an edited file is not served from the in-process cache."""
-    try:
-        stat = os.stat(source)
-    except (OSError, ValueError):
-        return None
-    return (stat.st_mtime_ns, stat.st_size)
-
-
-def _load_uncached(source: str, sha256: str | None, cache_dir: str | None) -> LoadedWeights:
+def _load(source: str, sha256: str | None, cache_dir: str | None) -> LoadedWeights:
     if source == "imagenet":
         return _load_file(_imagenet_file(), source, sha256)
     if source == "random" or source.startswith("random:"):
@@ -338,18 +290,15 @@ def read_features(path: str | Path, where: str | None = None) -> WeightsFileCont
         raise WeightsError(
             f"weights file {where} holds a {type(raw).__name__}, not a state dict of tensors"
         )
-    return _features_only(raw, where)
+    return _check_features(raw, where)
 
 
-def _features_only(raw: dict[str, torch.Tensor], where: str) -> WeightsFileContents:
-    keys = {k.removeprefix("module."): v for k, v in raw.items()}
-    marker = keys.pop(RANDOM_MARKER, None)
+def _check_features(raw: dict[str, torch.Tensor], where: str) -> WeightsFileContents:
+    marker = raw.pop(RANDOM_MARKER, None)
     random_seed = int(marker.item()) if marker is not None else None
-    if any(k.startswith("features.") for k in keys):
-        layout = "full" if any(k.startswith("classifier.") for k in keys) else "features-only"
-        features = {k[len("features.") :]: v for k, v in keys.items() if k.startswith("features.")}
-    else:
-        layout, features = "features-only", keys
+    full = any(k.removeprefix("module.").startswith("classifier.") for k in raw)
+    layout = "full" if full else "features-only"
+    features = features_only(raw)
     missing = [k for k in FEATURE_SHAPES if k not in features]
     unexpected = [k for k in features if k not in FEATURE_SHAPES]
     wrong = [

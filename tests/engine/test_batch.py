@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from stylequeue.engine import OptimState, Progress, preset, stylize
-from stylequeue.engine.batch import BatchItem, output_sizes, stylize_batch, stylize_many
+from stylequeue.engine import BatchItem, stylize_batch, stylize_many
 from stylequeue.engine.memory import activation_bytes, max_batch
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.exceptions import ConfigError
@@ -146,7 +146,7 @@ def test_lbfgs_is_refused_for_more_than_one_item(model_avg: VGGFeatures, jobs) -
 def test_different_output_sizes_are_refused(model_avg: VGGFeatures, jobs) -> None:
     cfg = preset("default", **FAST)
     square = make_image(40, 40, seed=5)
-    assert output_sizes(square.size, cfg) != output_sizes(jobs[0][0].size, cfg)
+    assert cfg.output_sizes(square.size) != cfg.output_sizes(jobs[0][0].size)
     with pytest.raises(ConfigError, match="different output sizes"):
         stylize_batch([BatchItem(jobs[0][0], [jobs[0][1]]), BatchItem(square, [jobs[0][1]])], cfg, model=model_avg)
 

@@ -9,7 +9,7 @@ import inspect
 import pytest
 import torch
 
-from stylequeue.engine import batch, optim, preset, stylize
+from stylequeue.engine import preset, stylize
 from stylequeue.engine.device import ExecutionPlan, forward_of, plan_execution
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.exceptions import ConfigError
@@ -17,8 +17,8 @@ from stylequeue.exceptions import ConfigError
 stylize_module = importlib.import_module("stylequeue.engine.transfer")  # the package exports stylize()
 # Functions that run every iteration. _report (progress points) is where losses come to the host.
 INNER_LOOP = [
-    stylize_module._run_scale, stylize_module._after_step, stylize_module._evaluator,
-    optim.optimizer_step, batch._run_scale_batch, batch._batched_step, batch._stopped,
+    stylize_module._run_scale, stylize_module._after_step, stylize_module._evaluate,
+    stylize_module._step, stylize_module._stopped,
 ]
 SYNCING = {"item", "tolist", "cpu", "numpy", "float", "int", "bool", "nonzero", "any", "all"}
 

@@ -84,6 +84,33 @@ def test_checkpoint_at_a_scale_boundary_resumes_identically(
     _assert_same_run(straight, resumed)
 
 
+@pytest.mark.parametrize("optimizer,lr", [("adam", 0.01), ("lbfgs", 1.0)])
+def test_one_scale_per_call_continues_like_one_multi_scale_run(
+    optimizer: str, lr: float, model_avg: VGGFeatures, content_image, style_image
+) -> None:
+    """What the service's chain does: each call runs one scale (last_scale) from the previous
+    call's final state, which the engine carries up; the end is bit for bit the one-call run."""
+    cfg = preset("default", **FAST, optimizer=optimizer, lr=lr, iterations=3, scales=3, min_size=16)
+    straight = stylize(content_image, [style_image], cfg, model=model_avg)
+    state = None
+    for scale in range(cfg.scales):
+        step = stylize(content_image, [style_image], cfg, model=model_avg, resume=state, last_scale=scale)
+        assert (step.state.scale_index, step.state.iteration) == (scale, 3 * (scale + 1))
+        assert step.image.width == cfg.output_sizes(content_image.size)[scale][0]
+        state = _roundtrip(step.state)
+    _assert_same_run(straight, step)
+    def losses(history: list[dict]) -> dict[int, dict]:
+        return {h["iteration"]: {k: v for k, v in h.items() if k != "elapsed_s"} for h in history}
+
+    # One history over all scales: the one-call run's, plus each call's report at its scale's end.
+    chained, whole = losses(step.history), losses(straight.history)
+    assert {k: chained[k] for k in whole} == whole and set(chained) - set(whole) <= {3, 6}
+    # A call that finds its scale already finished (a redelivered last step) runs nothing more.
+    again = stylize(content_image, [style_image], cfg, model=model_avg, resume=state, last_scale=2)
+    assert again.timings["iterations"] == 0
+    _assert_same_run(straight, again)
+
+
 def test_state_bytes_round_trip_keeps_everything(model_avg: VGGFeatures, content_image, style_image) -> None:
     cfg = preset("default", **FAST, iterations=2, ema_decay=0.9)
     state = stylize(content_image, [style_image], cfg, model=model_avg).state

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stylequeue.engine import preset, stylize
-from stylequeue.engine.batch import BatchItem, stylize_batch
+from stylequeue.engine import BatchItem, stylize_batch
 from stylequeue.engine.targets import LruTargetCache, image_digest, style_target_key, targets_nbytes
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.engine.weights import WeightsInfo

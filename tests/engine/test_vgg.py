@@ -10,7 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
-from stylequeue.engine.vgg import LAYER_INDEX, LAYER_NAMES, VGGFeatures
+from stylequeue.engine.network import VGG19
+from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.exceptions import ConfigError, WeightsError
 
 
@@ -25,11 +26,11 @@ class FakeLoaded:
 
 def test_names_cover_torchvision_modules_in_order() -> None:
     modules = list(torchvision.models.vgg19(weights=None).features)
-    assert len(LAYER_NAMES) == len(modules) == 37
-    assert LAYER_NAMES[:5] == ("conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1")
-    assert (LAYER_INDEX["conv4_2"], LAYER_INDEX["relu5_1"], LAYER_INDEX["pool5"]) == (21, 29, 36)
+    assert len(VGG19.names) == len(modules) == 37
+    assert VGG19.names[:5] == ("conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1")
+    assert (VGG19.layer("conv4_2").index, VGG19.layer("relu5_1").index, VGG19.layer("pool5").index) == (21, 29, 36)
     kinds = {"conv": nn.Conv2d, "relu": nn.ReLU, "pool": nn.MaxPool2d}
-    for name, module in zip(LAYER_NAMES, modules):
+    for name, module in zip(VGG19.names, modules):
         assert isinstance(module, kinds[name[:4]]), name
 
 
@@ -43,7 +44,7 @@ def test_forward_runs_only_up_to_the_deepest_requested_layer(model_max: VGGFeatu
     finally:
         for h in hooks:
             h.remove()
-    assert calls == list(range(LAYER_INDEX["relu2_1"] + 1))
+    assert calls == list(range(VGG19.layer("relu2_1").index + 1))
     assert set(out) == {"relu2_1", "conv1_2"}
     assert out["relu2_1"].shape == (1, 128, 16, 16)
 
@@ -69,7 +70,7 @@ def test_imagenet_normalisation_inside(model_max: VGGFeatures, vgg_state_dict: d
     x = torch.rand(2, 3, 32, 40)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    expected = reference[: LAYER_INDEX["relu3_1"] + 1]((x - mean) / std)
+    expected = reference[: VGG19.layer("relu3_1").index + 1]((x - mean) / std)
     torch.testing.assert_close(model_max(x, ["relu3_1"])["relu3_1"], expected)
     normalized_in = model_max((x - mean) / std, ["relu3_1"], normalized=True)["relu3_1"]
     torch.testing.assert_close(normalized_in, expected)

@@ -31,11 +31,6 @@ from stylequeue.exceptions import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache() -> None:
-    weights_mod.clear_cache()
-
-
 @pytest.fixture(scope="module")
 def features() -> dict[str, torch.Tensor]:
     """A real-shaped VGG19 features state dict (random values, independent of the loader)."""
@@ -78,11 +73,9 @@ def test_expected_shapes_match_torchvision(features: dict) -> None:
 def test_random_is_seeded_flagged_and_warns_every_time(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="stylequeue.engine.weights"):
         a = load_weights("random:5")
-        b = load_weights("random:5")  # served from the in-process cache, still warned about
+        b = load_weights("random:5")  # every load is warned about
     assert sum("RANDOM VGG19 WEIGHTS" in r.message for r in caplog.records) == 2
-    weights_mod.clear_cache()
-    again = load_weights("random:5")
-    assert _same(a.state_dict, again.state_dict) and a is b
+    assert _same(a.state_dict, b.state_dict)
     other = load_weights("random:6").state_dict["0.weight"]
     assert not torch.equal(other, a.state_dict["0.weight"])
     assert a.info.to_dict() == {"source": "random:5", "sha256": None, "random": True, "seed": 5}
@@ -188,17 +181,6 @@ def test_sha256_checked(features_file: Path) -> None:
     assert all(part in str(info.value) for part in (actual, wrong, str(features_file)))
 
 
-def test_in_process_cache_sees_a_rewritten_file(tmp_path: Path, features: dict) -> None:
-    path = tmp_path / "w.pth"
-    torch.save(features, path)
-    first = load_weights(path)
-    assert load_weights(path) is first
-    changed = {k: v + 1 for k, v in features.items()}
-    time.sleep(0.01)
-    torch.save(changed, path)
-    assert _same(load_weights(path).state_dict, changed)
-
-
 # --- imagenet -----------------------------------------------------------------------------
 
 
@@ -261,7 +243,6 @@ def test_fetcher_is_called_once_and_cached_on_disk(
 ) -> None:
     uri = "fake://bucket/models/vgg19.pth"
     first = load_weights(uri, cache_dir=str(tmp_path))
-    weights_mod.clear_cache()  # a new process: only the disk cache is left
     second = load_weights(uri, cache_dir=str(tmp_path))
     assert fake_store == [uri]
     assert _same(first.state_dict, features) and _same(second.state_dict, features)
@@ -282,7 +263,6 @@ def test_damaged_cache_entry_is_fetched_again(
     load_weights(uri, cache_dir=str(tmp_path))
     (entry,) = tmp_path.iterdir()
     entry.write_bytes(b"garbage")
-    weights_mod.clear_cache()
     assert _same(load_weights(uri, cache_dir=str(tmp_path)).state_dict, features)
     assert fake_store == [uri, uri]
 
@@ -312,7 +292,6 @@ def test_export_from_full_file(tmp_path: Path, full_file: Path, features: dict) 
     assert sidecar.read_text() == f"{digest}  {dest.name}\n"
     assert 79e6 < dest.stat().st_size < 81e6  # features only: ~80 MB, not 548 MB
     assert set(torch.load(dest, weights_only=True)) == set(FEATURE_SHAPES)
-    weights_mod.clear_cache()
     assert _same(load_weights(dest, sha256=digest).state_dict, features)
     info = describe_file(dest)
     assert info["sha256"] == digest and info["layout"] == "features-only"
@@ -334,20 +313,9 @@ def test_export_of_random_weights_stays_flagged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path, _ = export_features("random:9", tmp_path / "r.pth")
-    weights_mod.clear_cache()
     with caplog.at_level(logging.WARNING, logger="stylequeue.engine.weights"):
         loaded = load_weights(path)
     assert loaded.info.random is True and loaded.info.seed == 9 and loaded.info.sha256
     assert any("RANDOM" in r.message for r in caplog.records)
     assert _same(loaded.state_dict, load_weights("random:9").state_dict)
     assert describe_file(path)["random"] is True
-
-
-def test_in_process_cache_is_lru(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(weights_mod, "_CACHE_SIZE", 2)
-    first = load_weights("random:1")
-    load_weights("random:2")
-    assert load_weights("random:1") is first  # used again: now the most recent
-    load_weights("random:3")  # evicts random:2, not random:1
-    assert load_weights("random:1") is first
-    assert len(weights_mod._cache) == 2

@@ -1,0 +1,174 @@
+"""What a job minimises: its inputs, set up once, and each scale's loss with its fixed targets.
+
+Gatys et al. (2015) fix the content representation (features of the content image) and the style
+representation (Gram matrices of the style image) before optimising; here both are computed once
+per scale under no_grad, the style's through an optional cache shared between jobs (targets.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from stylequeue.engine import color
+from stylequeue.engine.config import StyleConfig, layer_weights
+from stylequeue.engine.device import ExecutionPlan, apply_backend_settings, autocast, plan_execution, resolve_device
+from stylequeue.engine.images import resize_longest
+from stylequeue.engine.losses import ContentLoss, StyleLoss, StyleTransferLoss, gram_matrix
+from stylequeue.engine.targets import TargetCache, Targets, image_digest, style_side, style_target_key
+from stylequeue.engine.tensors import memory_format, to_tensor
+from stylequeue.engine.vgg import VGGFeatures
+from stylequeue.exceptions import ConfigError
+
+
+@dataclass
+class Problem:
+    """Everything fixed for the whole job: settings, model, how it runs, and the input images."""
+
+    config: StyleConfig
+    model: VGGFeatures
+    plan: ExecutionPlan
+    content: Image.Image
+    styles: list[Image.Image]
+    blend: list[float]  # one weight per style, summing to 1
+    init_image: Image.Image | None
+    sizes: list[int]  # the output's longest side at each scale
+    started: float = field(default_factory=time.perf_counter)
+    target_cache: TargetCache | None = None
+    style_digests: list[str] | None = None  # image_digest of each style, when caching
+
+
+@dataclass
+class Scale:
+    """Everything fixed for one scale: its loss (with the targets inside) and the content's colours."""
+
+    index: int
+    objective: StyleTransferLoss
+    content: torch.Tensor  # (1, 3, H, W) pixels, luminance-only when original_colors
+    content_color: torch.Tensor  # (1, 3, H, W) pixels, the real colours
+
+
+def set_up(
+    content: Image.Image,
+    styles: Sequence[Image.Image],
+    config: StyleConfig,
+    model: VGGFeatures,
+    init_image: Image.Image | None,
+    target_cache: TargetCache | None = None,
+) -> Problem:
+    """Check that the inputs fit the settings and the model, and place the model on its device."""
+    config.validate()
+    if not styles:
+        raise ConfigError("give at least one style image")
+    blend = list(config.style_blend_weights or [1.0] * len(styles))
+    if len(blend) != len(styles):
+        raise ConfigError(
+            f"{len(blend)} style blend weights for {len(styles)} style images; give one weight per style"
+        )
+    if config.init == "image" and init_image is None:
+        raise ConfigError("init is 'image' but no initial image was given; pass one or choose init 'content'")
+    if config.init != "image" and init_image is not None:
+        raise ConfigError(f"an initial image was given but init is {config.init!r}; set init to 'image'")
+    if model.pooling != config.pooling:
+        raise ConfigError(
+            f"the model was built with {model.pooling} pooling but the config asks for {config.pooling}; "
+            "build VGGFeatures with pooling=config.pooling"
+        )
+    device = next(model.parameters()).device if config.device == "auto" else resolve_device(config.device)
+    plan = plan_execution(device, config.precision, config.compile)
+    apply_backend_settings(plan)
+    model.to(device)
+    if plan.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return Problem(
+        config=config,
+        model=model,
+        plan=plan,
+        content=content.convert("RGB"),
+        styles=[s.convert("RGB") for s in styles],
+        blend=[w / sum(blend) for w in blend],
+        init_image=init_image.convert("RGB") if init_image is not None else None,
+        sizes=config.scale_sizes,
+        target_cache=target_cache,
+        style_digests=[image_digest(s) for s in styles] if target_cache is not None else None,
+    )
+
+
+def prepare_scale(problem: Problem, index: int) -> Scale:
+    """Resize the inputs for scale ``index`` and compute its fixed targets once, under no_grad."""
+    cfg, model, plan = problem.config, problem.model, problem.plan
+    content_color = to_tensor(resize_longest(problem.content, problem.sizes[index]), plan.device)
+    content = content_color
+    content_luma = None
+    if cfg.original_colors:
+        content_luma = color.luminance(content_color)
+        content = color.as_gray_rgb(content_luma)
+    with torch.no_grad(), autocast(plan):
+        content_feats = model(memory_format(content, plan), cfg.content_layers)
+    grams = [_style_targets(problem, i, problem.sizes[index], content_luma) for i in range(len(problem.styles))]
+    content_terms = {
+        name: (ContentLoss(content_feats[name].float()), w)
+        for name, w in layer_weights(cfg.content_layers, cfg.content_layer_weights).items()
+    }
+    style_terms = {
+        name: (StyleLoss.from_grams([g[name] for g in grams], problem.blend, cfg.gram_norm), w)
+        for name, w in layer_weights(cfg.style_layers, cfg.style_layer_weights).items()
+    }
+    objective = StyleTransferLoss(
+        content_terms,
+        style_terms,
+        content_weight=cfg.content_weight,
+        style_weight=cfg.style_weight,
+        tv_weight=cfg.tv_weight,
+    )
+    return Scale(index=index, objective=objective, content=content, content_color=content_color)
+
+
+def _style_targets(problem: Problem, style: int, size: int, content_luma: torch.Tensor | None) -> Targets:
+    """{layer: (1, C, C) Gram} of style ``style`` at output size ``size``, via the job's cache if any."""
+    cfg, plan = problem.config, problem.plan
+    key = None
+    if problem.target_cache is not None and problem.style_digests is not None:
+        stats = None
+        if content_luma is not None:
+            stats = (float(content_luma.mean().item()), float(content_luma.std().item()))
+        key = style_target_key(problem.style_digests[style], cfg, problem.model.info, size,
+                               precision=plan.precision, device_type=plan.device.type, luminance_stats=stats)
+        cached = problem.target_cache.get(key) if key is not None else None
+        if cached is not None:
+            return {name: cached[name].to(plan.device) for name in cfg.style_layers}
+    # The style keeps its own aspect ratio; only its longest side follows the output's.
+    pixels = to_tensor(resize_longest(problem.styles[style], style_side(cfg, size)), plan.device)
+    if content_luma is not None:
+        pixels = color.as_gray_rgb(color.match_luminance(color.luminance(pixels), content_luma))
+    with torch.no_grad():
+        with autocast(plan):
+            features = problem.model(memory_format(pixels, plan), cfg.style_layers)
+        # Outside autocast: Gram matrices are float32 (gram_matrix casts before its matmul).
+        grams = {name: gram_matrix(features[name], cfg.gram_norm) for name in cfg.style_layers}
+    if key is not None and problem.target_cache is not None:
+        problem.target_cache.put(key, grams)
+    return grams
+
+
+def stack_objectives(objectives: Sequence[StyleTransferLoss]) -> StyleTransferLoss:
+    """One loss over a batch: each layer's targets concatenated along the batch dimension.
+
+    Weights and layers come from the first objective; the items of a batch share them.
+    """
+    first = objectives[0]
+    content = {
+        name: (ContentLoss(torch.cat([o.content_losses[name].target for o in objectives])), w)
+        for name, w in first.content_layer_weights.items()
+    }  # targets (B, C, h, w)
+    style = {
+        name: (StyleLoss(torch.cat([o.style_losses[name].target for o in objectives]),
+                         first.style_losses[name].norm), w)
+        for name, w in first.style_layer_weights.items()
+    }  # targets (B, C, C)
+    return StyleTransferLoss(content, style, content_weight=first.content_weight,
+                             style_weight=first.style_weight, tv_weight=first.tv_weight)

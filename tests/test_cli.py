@@ -16,7 +16,7 @@ from PIL import Image
 
 from stylequeue.cli import main
 from stylequeue.engine import preset
-from stylequeue.engine.weights import clear_cache, file_sha256, load_weights
+from stylequeue.engine.weights import file_sha256, load_weights
 from tests.conftest import make_image
 from tests.servers import S3Server
 
@@ -209,7 +209,6 @@ def test_weights_export_and_info_round_trip(tmp_path: Path) -> None:
     assert info.returncode == 0, info.stderr
     assert digest in info.stdout and "features-only" in info.stdout and "shapes ok" in info.stdout
 
-    clear_cache()
     exported, original = load_weights(dest, sha256=digest), load_weights("random:3")
     assert exported.state_dict.keys() == original.state_dict.keys()
     assert all(torch.equal(t, original.state_dict[k]) for k, t in exported.state_dict.items())
@@ -272,7 +271,6 @@ def test_weights_export_from_s3(tmp_path: Path) -> None:
         )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "cache").iterdir())) == 1  # fetched once, kept for the next load
-    clear_cache()
     pulled, original = load_weights(dest), load_weights("random:4")
     assert all(torch.equal(t, original.state_dict[k]) for k, t in pulled.state_dict.items())
     assert pulled.info.random is True and pulled.info.seed == 4

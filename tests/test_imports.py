@@ -36,3 +36,47 @@ def test_engine_imports_no_queue_or_storage_library() -> None:
     assert "torch" in loaded
     # (tqdm is not in the list: torch.hub itself imports it.)
     assert not loaded & {"celery", "kombu", "redis", "boto3", "botocore", "flower", "prometheus_client"}
+
+
+# The rooms, lowest first: a module may import from its own room and the rooms below it, never
+# from one above (docs/architecture.md draws them).
+ROOMS = (
+    ("exceptions", "fileio", "settings", "contact_sheet"),
+    ("engine",),
+    ("storage",),
+    ("job",),
+    ("worker",),
+    ("tasks",),
+    ("scheduler",),
+    ("monitoring",),
+    ("cli", "__main__"),
+)
+
+
+def _room(module: str) -> int:
+    part = module.split(".")[1] if module.count(".") else "__init__"
+    for rank, names in enumerate(ROOMS):
+        if part in names:
+            return rank
+    raise AssertionError(f"{module} belongs to no room; add it to ROOMS and docs/architecture.md")
+
+
+def test_no_module_imports_from_a_room_above_it() -> None:
+    import ast
+    from pathlib import Path
+
+    import stylequeue
+
+    root = Path(stylequeue.__file__).parent
+    upward = []
+    for path in sorted(root.rglob("*.py")):
+        module = ".".join(("stylequeue", *path.relative_to(root).with_suffix("").parts))
+        if module in ("stylequeue.__init__", "stylequeue.__main__"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if name.startswith("stylequeue.") and _room(name) > _room(module):
+                    upward.append(f"{module} imports {name}")
+    assert upward == []

@@ -6,16 +6,21 @@ here. Modules import torch, celery and the engine inside their handlers only, so
 ``stylequeue --help`` stays fast.
 
 Exit codes: 0 done, 1 an operating-system error (disk, permissions), 2 a usage or input error
-(bad option, unreadable image, missing weights), 130 interrupted.
+(bad option, unreadable image, missing weights), 3 a job FAILED or was CANCELLED (``submit
+--wait``, ``manifest``), 4 ``--wait`` timed out, 130 interrupted.
+
+Every subcommand reads :class:`Settings` from the environment (``STYLEQUEUE_*``,
+``STYLEQUEUE_CONFIG``), so a producer's shell and a worker's container agree by configuration.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from stylequeue import __version__
 from stylequeue.exceptions import StyleQueueError
@@ -23,10 +28,18 @@ from stylequeue.exceptions import StyleQueueError
 SUBCOMMANDS: tuple[str, ...] = (
     "stylequeue.cli.run",
     "stylequeue.cli.weights",
+    "stylequeue.cli.worker",
+    "stylequeue.cli.submit",
+    "stylequeue.cli.status",
+    "stylequeue.cli.cancel",
+    "stylequeue.cli.manifest",
+    "stylequeue.cli.beat",
+    "stylequeue.cli.recover",
     "stylequeue.cli.flower",
     "stylequeue.cli.metrics",
-    "stylequeue.cli.service",
 )
+EXIT_JOB_FAILED = 3
+EXIT_TIMEOUT = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,3 +80,24 @@ def fail(message: str, code: int) -> int:
     """Print the one-line error every subcommand uses and return ``code``."""
     print(f"stylequeue: error: {message}", file=sys.stderr)
     return code
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def emit(args: argparse.Namespace, obj: Any, line: str) -> None:
+    """``obj`` as JSON with --json, else the one line a shell script wants."""
+    if args.json:
+        print_json(obj)
+    else:
+        print(line)
+
+
+def progress_line(p: dict[str, Any]) -> str:
+    """A job's PROGRESS meta in one line: iteration, scale, loss and ETA."""
+    loss = (p.get("losses") or {}).get("total")
+    eta = p.get("eta_s")
+    return (f"iteration {p.get('iteration')}/{p.get('total')}  scale {p.get('scale', 0) + 1}/"
+            f"{p.get('num_scales', 1)}  loss {loss if loss is None else f'{loss:.4g}'}  "
+            f"eta {'?' if eta is None else f'{eta:.0f}s'}")

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from stylequeue import __version__
-from stylequeue.cli.weights import install_fetchers
 from stylequeue.exceptions import ConfigError, StyleQueueError
 
 if TYPE_CHECKING:
@@ -108,6 +107,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     from stylequeue.engine import stylize
     from stylequeue.engine.images import format_for_path, save_image
+    from stylequeue.worker.resources import resources_for
 
     started = time.perf_counter()
     out = Path(args.output)
@@ -116,7 +116,8 @@ def run_command(args: argparse.Namespace) -> int:
     config, init_path = _config(args, settings.device)
     content, styles, init_image = _load_inputs(args, init_path, config, settings.max_pixels)
     images_s = time.perf_counter() - started
-    weights, model = _load_model(settings, config)
+    model = resources_for(settings).model(config.pooling, device=config.device)
+    weights_info = model.info
     setup_s = time.perf_counter() - started
 
     stop = _StopFlag()
@@ -135,8 +136,8 @@ def run_command(args: argparse.Namespace) -> int:
     save_image(result.image, out, max_pixels=settings.max_pixels)
 
     meta = result.metadata()
-    meta["weights"] = weights.info.to_dict()
-    meta["random_weights"] = weights.info.random
+    meta["weights"] = weights_info.to_dict()
+    meta["random_weights"] = weights_info.random
     meta["inputs"] = {"content": args.content, "styles": list(args.styles), "init": init_path}
     meta["output"] = str(out)
     meta["stylequeue_version"] = __version__
@@ -147,7 +148,7 @@ def run_command(args: argparse.Namespace) -> int:
         "command_s": time.perf_counter() - started,  # from parsed arguments to OUT written
     }
     _write_json(_metadata_path(out), meta)
-    _report(args, out, result, weights.info.random)
+    _report(args, out, result, weights_info.random)
     return 130 if result.stopped else 0
 
 
@@ -194,22 +195,6 @@ def _load_inputs(
     # Refuse an output past the limit now, not after the whole optimisation.
     check_output_pixels(fit_longest(content.size, config.size), max_pixels)
     return content, styles, init_image
-
-
-def _load_model(settings: "Settings", config: "StyleConfig") -> tuple[Any, Any]:
-    from stylequeue.engine import VGGFeatures
-    from stylequeue.engine.device import resolve_device
-    from stylequeue.engine.weights import load_weights
-
-    device = resolve_device(config.device)  # a missing GPU fails before the weights load
-    install_fetchers(settings)
-    weights = load_weights(
-        settings.weights,
-        sha256=settings.weights_sha256 or None,
-        cache_dir=settings.resolved_weights_cache_dir,
-    )
-    model = VGGFeatures.from_weights(weights, pooling=config.pooling, device=device)
-    return weights, model
 
 
 def _overrides(args: argparse.Namespace, device: str) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterable, Iterator, Protocol
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -30,8 +31,9 @@ from stylequeue.tasks.broker import (  # noqa: F401 - re-exported: the exporter'
     KOMBU_SEP,
     KOMBU_UNACKED_KEY,
     QueueKeys,
+    broker_redis,
     queue_keys,
-    redis_client_for,
+    require_redis_broker,
 )
 
 log = logging.getLogger(__name__)
@@ -95,18 +97,24 @@ def unacked_counts(
 
 
 class QueueCollector(Collector):
-    """Reads Redis on every scrape, so the gauges are never staler than the scrape itself."""
+    """Reads Redis on every scrape, so the gauges are never staler than the scrape itself.
 
-    def __init__(self, redis_client: RedisLike, queues: list[str], keys: QueueKeys) -> None:
-        self.redis = redis_client
+    ``connect()`` opens a client for one scrape (a context manager): a broker that was down at
+    start-up or restarted since is simply reached again.
+    """
+
+    def __init__(self, connect: Callable[[], AbstractContextManager[RedisLike]], queues: list[str],
+                 keys: QueueKeys) -> None:
+        self.connect = connect
         self.queues = queues
         self.keys = keys
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         up = GaugeMetricFamily("stylequeue_broker_up", "1 if the last scrape reached the broker")
         try:
-            per_step = queue_priority_lengths(self.redis, self.queues, self.keys)
-            unacked = unacked_counts(self.redis, self.queues, self.keys.unacked)
+            with self.connect() as client:
+                per_step = queue_priority_lengths(client, self.queues, self.keys)
+                unacked = unacked_counts(client, self.queues, self.keys.unacked)
         except Exception as exc:  # noqa: BLE001 - a down broker is a value (0), not a 500
             log.warning("cannot read queue lengths from the broker: %s", exc)
             up.add_metric([], 0)
@@ -142,19 +150,18 @@ class QueueCollector(Collector):
         yield reserved
 
 
-def redis_broker_client(settings: Settings) -> Any:
-    """A redis-py client for the broker, or a ConfigError that says how to point at Redis."""
-    return redis_client_for(settings.resolved_broker_url, "the queue exporter")
-
-
 def make_collector(settings: Settings, queues: list[str] | None = None) -> QueueCollector:
-    """A collector for the app's queues, with kombu's key layout read from the Celery app."""
+    """A collector for the app's queues, with kombu's key layout read from the Celery app.
+
+    ConfigError at once when the broker is not Redis: there is nothing to export.
+    """
     from stylequeue.tasks.app import make_app
 
-    client = redis_broker_client(settings)
-    keys = queue_keys(make_app(settings).conf.broker_transport_options)
+    url = settings.resolved_broker_url
+    require_redis_broker(url, "the queue exporter")
+    options = make_app(settings).conf.broker_transport_options
     names = queues or [settings.gpu_queue, settings.light_queue]
-    return QueueCollector(client, names, keys)
+    return QueueCollector(lambda: broker_redis(url, options, "the queue exporter"), names, queue_keys(options))
 
 
 def serve_metrics(settings: Settings, port: int | None = None, address: str | None = None) -> None:

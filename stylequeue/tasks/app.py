@@ -2,8 +2,9 @@
 
 Workers start it with ``celery -A stylequeue.tasks.app worker -Q gpu``; producers, the scheduler
 and Flower import it too, so this module must stay light: no torch, no engine imports. The tasks
-live in :mod:`stylequeue.tasks.jobs`, which only a worker imports (through ``include``); producers
-send tasks by their names below.
+live in the modules of :data:`TASK_MODULES`, which only a worker imports (through ``include``): a
+job's chain (tasks/chain.py), a group's contact sheet (tasks/sheet.py) and beat's periodic work
+(scheduler/beat.py). Producers send tasks by their names below.
 
 Every value here comes from :class:`stylequeue.settings.Settings`; the choices that are not
 settings are the ones minutes-long GPU jobs need (late acks, prefetch of one, re-queue when a
@@ -20,6 +21,7 @@ from kombu import Exchange, Queue
 
 from stylequeue.exceptions import ConfigError
 from stylequeue.settings import Settings, load_settings
+from stylequeue.tasks.broker import is_redis_broker
 from stylequeue.tasks.sent import RecordingAMQP
 
 # Explicit, namespaced task names: producers send by name and never import the task module.
@@ -33,13 +35,12 @@ TASK_RECOVER = "stylequeue.recover"
 # The messages of a job (and a batch's sheet): remembered when sent, re-sent if the broker loses one.
 JOB_TASKS = frozenset({TASK_VALIDATE, TASK_STYLIZE, TASK_PUBLISH, TASK_CONTACT_SHEET})
 
+# What a worker imports to know every task above.
+TASK_MODULES = ("stylequeue.tasks.chain", "stylequeue.tasks.sheet", "stylequeue.scheduler.beat")
+
 # Redis emulates priorities with one list per step; 0 is served first (the opposite of AMQP).
 PRIORITY_STEPS = list(range(10))
 DEFAULT_PRIORITY = 5
-
-
-def _is_redis(url: str) -> bool:
-    return url.startswith(("redis://", "rediss://", "redis+socket://", "sentinel://"))
 
 
 def _filesystem_broker_options(settings: Settings) -> dict[str, Any]:
@@ -147,7 +148,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     broker_url = settings.resolved_broker_url
     backend_url = settings.resolved_result_backend
     broker_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
-    if _is_redis(broker_url):
+    if is_redis_broker(broker_url):
         broker_options.update(queue_order_strategy="priority", priority_steps=PRIORITY_STEPS,
                               **_restore_options(settings))
     if broker_url.startswith("filesystem://"):
@@ -206,7 +207,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def make_app(settings: Settings | None = None) -> Celery:
     """Build the stylequeue Celery app from ``settings`` (or from the environment)."""
     settings = settings or load_settings()
-    app = Celery("stylequeue", include=["stylequeue.tasks.jobs"], set_as_current=False,
+    app = Celery("stylequeue", include=list(TASK_MODULES), set_as_current=False,
                  amqp=RecordingAMQP)
     app.stylequeue_recorded_tasks = JOB_TASKS  # type: ignore[attr-defined]
     app.conf.update(celery_config(settings))

@@ -5,14 +5,19 @@ step is ``<queue><sep><step>`` (``kombu.transport.redis.Channel._q_for_pri``; ``
 ``"\\x06\\x16"`` unless the app's ``broker_transport_options`` change it). A message a worker has
 taken but not acknowledged sits in the ``unacked`` hash as ``[message, exchange, routing_key]``
 (``QoS.append``). The queue exporter (:mod:`stylequeue.monitoring.queues`) counts these keys; the
-recovery sweep (:mod:`stylequeue.tasks.recovery`) looks for task ids in them.
+recovery sweep (:mod:`stylequeue.scheduler.recovery`) looks for task ids in them.
+
+:func:`is_redis_broker` is the one answer to "is this broker Redis?" (the app's transport options
+and both readers ask it), and :func:`broker_redis` reaches that Redis the way kombu does, so a
+``sentinel://`` or ``rediss://`` broker is read through the same master and TLS as the workers use.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from stylequeue.exceptions import ConfigError
 
@@ -20,7 +25,10 @@ from stylequeue.exceptions import ConfigError
 KOMBU_SEP = "\x06\x16"
 KOMBU_PRIORITY_STEPS: tuple[int, ...] = (0, 3, 6, 9)
 KOMBU_UNACKED_KEY = "unacked"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# kombu's Redis transports: plain, TLS, and Sentinel-managed (``redis+socket://`` is plain Redis).
+REDIS_TRANSPORTS = frozenset({"redis", "rediss", "sentinel"})
+# How long a reader of the broker (exporter scrape, recovery sweep) waits for Redis.
+READ_TIMEOUT_S = 5
 
 
 @dataclass(frozen=True)
@@ -55,20 +63,40 @@ def queue_keys(broker_transport_options: Mapping[str, Any] | None) -> QueueKeys:
     )
 
 
-def is_redis_url(url: str) -> bool:
-    return url.startswith(REDIS_SCHEMES)
+def is_redis_broker(url: str) -> bool:
+    """Does kombu reach this broker URL through one of its Redis transports?"""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    return scheme.split("+", 1)[0] in REDIS_TRANSPORTS
 
 
-def redis_client_for(url: str, what: str) -> Any:
-    """A redis-py client for the broker at ``url``, or a ConfigError naming ``what`` needs Redis."""
-    import redis
-
-    if not is_redis_url(url):
+def require_redis_broker(url: str, what: str) -> None:
+    """ConfigError, saying how to fix it, when ``what`` needs a Redis broker and ``url`` is not one."""
+    if not is_redis_broker(url):
         raise ConfigError(
             f"{what} reads a Redis broker, but the broker is {url!r}; "
-            "set STYLEQUEUE_BROKER_URL=redis://HOST:6379/0"
+            "set STYLEQUEUE_BROKER_URL=redis://HOST:6379/0 (or a sentinel:// URL)"
         )
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+
+
+@contextmanager
+def broker_redis(url: str, transport_options: Mapping[str, Any] | None, what: str) -> Iterator[Any]:
+    """A redis-py client on the broker's Redis, connected as kombu connects (URL, Sentinel master,
+    TLS, credentials), with short timeouts; ConfigError naming ``what`` when the broker is not Redis.
+
+    The client is plain (no kombu key prefixing): callers add ``QueueKeys.prefix`` themselves.
+    """
+    require_redis_broker(url, what)
+    import kombu
+    import redis
+
+    options = {**(transport_options or {}), "socket_timeout": READ_TIMEOUT_S,
+               "socket_connect_timeout": READ_TIMEOUT_S}
+    with kombu.Connection(url, transport_options=options) as connection:
+        client = redis.Redis(connection_pool=connection.default_channel.pool)
+        try:
+            yield client
+        finally:
+            client.close()
 
 
 def _task_id(raw: bytes | str, wrapped: bool) -> str | None:

@@ -31,7 +31,7 @@ class KeyValue(Protocol):
     """What the control flags need: atomic ``add`` and ``incr``, and one small index of members.
 
     The index (``index_add`` and friends) lists the jobs that have not ended, so the recovery
-    sweep (:mod:`stylequeue.tasks.recovery`) never has to scan every key of the backend.
+    sweep (:mod:`stylequeue.scheduler.recovery`) never has to scan every key of the backend.
     """
 
     def get(self, key: str) -> str | None: ...
@@ -222,7 +222,7 @@ class JobControl:
             for retries in range(max_retries + 1):
                 self.store.delete(f"{KEY_PREFIX}deliveries-{task_id}-{retries}")
 
-    # Recovery of lost messages (stylequeue.tasks.recovery) ------------------------------------
+    # Recovery of lost messages (stylequeue.scheduler.recovery) ------------------------------------
     def track(self, job_id: str) -> None:
         """List ``job_id`` among the jobs that have not ended (the recovery sweep reads them)."""
         self.store.index_add(ACTIVE_INDEX, job_id)

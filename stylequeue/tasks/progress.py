@@ -11,7 +11,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:
+    from stylequeue.engine.result import Progress
 
 log = logging.getLogger(__name__)
 
@@ -33,38 +36,29 @@ def _number(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def progress_meta(
-    progress: Any,
-    job_id: str,
-    *,
-    scale_offset: int = 0,
-    num_scales: int | None = None,
-    iteration_offset: int = 0,
-    total: int | None = None,
-) -> dict[str, Any]:
+def progress_meta(progress: "Progress", job_id: str) -> dict[str, Any]:
     """The JSON-able dict stored as the PROGRESS state's meta and sent as the event's fields.
 
-    The offsets place a single-scale chain step within the whole multi-scale job (step k of a
-    chain runs the engine with one scale, counting its own iterations from 0).
+    The engine counts iterations and scales over the whole job, also when a chain step runs one
+    of its scales, so its Progress is the job's progress as it is.
     """
-    scale_index = int(getattr(progress, "scale_index", 0)) + scale_offset
     return {
         "job_id": job_id,
-        "iteration": int(progress.iteration) + iteration_offset,
-        "total": int(total if total is not None else progress.total),
-        "scale": scale_index,
-        "num_scales": int(num_scales or getattr(progress, "num_scales", 1)),
-        "width": int(getattr(progress, "width", 0)),
-        "height": int(getattr(progress, "height", 0)),
+        "iteration": int(progress.iteration),
+        "total": int(progress.total),
+        "scale": int(progress.scale_index),
+        "num_scales": int(progress.num_scales),
+        "width": int(progress.width),
+        "height": int(progress.height),
         "losses": {
-            "total": _number(getattr(progress, "loss", None)),
-            "content": _number(getattr(progress, "content_loss", None)),
-            "style": _number(getattr(progress, "style_loss", None)),
-            "tv": _number(getattr(progress, "tv_loss", None)),
+            "total": _number(progress.loss),
+            "content": _number(progress.content_loss),
+            "style": _number(progress.style_loss),
+            "tv": _number(progress.tv_loss),
         },
-        "elapsed_s": _number(getattr(progress, "elapsed_s", None)),
-        "its_per_s": _number(getattr(progress, "its_per_s", None)),
-        "eta_s": _number(getattr(progress, "eta_s", None)),
+        "elapsed_s": _number(progress.elapsed_s),
+        "its_per_s": _number(progress.its_per_s),
+        "eta_s": _number(progress.eta_s),
         "updated_at": time.time(),
     }
 
@@ -72,10 +66,10 @@ def progress_meta(
 class ProgressReporter:
     """The ``callback`` a stylize task hands to the engine.
 
-    ``save_preview(iteration, image)`` stores a preview; it is called when at least
-    ``preview_every`` iterations have passed since the last one (the engine calls back every
-    ``progress_every`` iterations, which need not divide ``preview_every``). A failing preview
-    upload is logged, never fatal: previews are a courtesy, the job is the result.
+    ``save_preview(iteration, image)`` stores a preview each time the iteration passes a multiple
+    of ``preview_every`` after the task's first report (the engine calls back every ``progress_every`` iterations, which need
+    not divide ``preview_every``). A failing preview upload is logged, never fatal: previews are a
+    courtesy, the job is the result.
     """
 
     def __init__(
@@ -85,28 +79,15 @@ class ProgressReporter:
         *,
         preview_every: int,
         save_preview: Callable[[int, Any], None] | None = None,
-        scale_offset: int = 0,
-        num_scales: int | None = None,
-        iteration_offset: int = 0,
-        total: int | None = None,
     ) -> None:
         self.task = task
         self.job_id = job_id
         self.preview_every = preview_every
         self.save_preview = save_preview
-        self.scale_offset = scale_offset
-        self.num_scales = num_scales
-        self.iteration_offset = iteration_offset
-        self.total = total
-        self.last_meta: dict[str, Any] | None = None
-        self._last_preview = 0
+        self._last_preview: int | None = None  # the iteration of the last preview
 
-    def __call__(self, progress: Any) -> None:
-        meta = progress_meta(
-            progress, self.job_id, scale_offset=self.scale_offset, num_scales=self.num_scales,
-            iteration_offset=self.iteration_offset, total=self.total,
-        )
-        self.last_meta = meta
+    def __call__(self, progress: "Progress") -> None:
+        meta = progress_meta(progress, self.job_id)
         self.task.update_state(state=PROGRESS_STATE, meta=meta)
         try:
             self.task.send_event(PROGRESS_EVENT, retry=False, **meta)
@@ -114,11 +95,14 @@ class ProgressReporter:
             log.debug("could not send %s for %s: %s", PROGRESS_EVENT, self.job_id, exc)
         self._maybe_preview(progress)
 
-    def _maybe_preview(self, progress: Any) -> None:
+    def _maybe_preview(self, progress: "Progress") -> None:
         if self.save_preview is None or self.preview_every <= 0:
             return
         iteration = int(progress.iteration)
-        if iteration - self._last_preview < self.preview_every:
+        if self._last_preview is None:
+            # A task may start mid-job (a chain step, a resumed job): count from its start.
+            self._last_preview = iteration - iteration % self.preview_every
+        if iteration // self.preview_every <= self._last_preview // self.preview_every:
             return
         self._last_preview = iteration
         try:

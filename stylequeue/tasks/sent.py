@@ -5,7 +5,7 @@ has taken it off the list, and the write to the ``unacked`` hash has not happene
 reply sits unread in the socket). A broker restart in that window drops the message, and nothing
 in Celery sends it again. :class:`RecordingAMQP` keeps, next to the job's other control keys, what
 it takes to send each job message again (task name, arguments, chain, chord, ids); the recovery
-sweep (:mod:`stylequeue.tasks.recovery`) re-sends it when the message has been on no queue for
+sweep (:mod:`stylequeue.scheduler.recovery`) re-sends it when the message has been on no queue for
 longer than the recovery grace.
 """
 

@@ -119,7 +119,7 @@ def plan_workers(
     and hard time limits and re-queues a job whose process dies, and CUDA is first touched in
     the child, after the fork. With ``batch`` N > 1 (default: ``settings.batch_max``) a GPU
     worker instead runs a threads pool of N task threads whose stylize steps share one GPU
-    thread in batches (:mod:`stylequeue.worker.batching`, which enforces the time limit itself).
+    thread in batches (:mod:`stylequeue.worker.step`, which enforces the time limit itself).
     """
     batch = settings.batch_max if batch is None else batch
     if batch < 1:

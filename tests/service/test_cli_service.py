@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from stylequeue.cli.service import parse_params
+from stylequeue.cli.submit import parse_params
 from stylequeue.exceptions import ConfigError
 from stylequeue.tasks.control import JobControl
 from tests.conftest import make_image

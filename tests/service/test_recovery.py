@@ -1,4 +1,4 @@
-"""Lost-message recovery (stylequeue.tasks.recovery) against a real Redis, S3 and celery workers.
+"""Lost-message recovery (stylequeue.scheduler.recovery) against a real Redis, S3 and celery workers.
 
 A message the broker loses cannot be produced on demand by a Redis restart (the window is a few
 microseconds wide; test_faults.py restarts Redis under load and relies on this sweep), so these
@@ -20,7 +20,7 @@ from stylequeue.exceptions import JobFailedError
 from stylequeue.job import JobStatus
 from stylequeue.scheduler import submit, submit_batch
 from stylequeue.tasks.control import JobControl
-from stylequeue.tasks.recovery import Recovery
+from stylequeue.scheduler.recovery import Recovery
 from tests.service.fault_stack import Stack, job_spec, start_stack, wait_for
 from tests.service.workers import Beat
 

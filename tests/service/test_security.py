@@ -95,13 +95,13 @@ def test_another_bucket_is_refused_by_scheduler_and_worker(ss: Stack) -> None:
 
 
 def test_a_jobs_weights_uri_is_checked_against_the_allow_list_in_the_worker(ss: Stack) -> None:
-    """model_for (the worker's model cache) refuses a job's weights outside the allowed prefixes,
-    before any request: the weights fetcher allows only the deployment's own weights URI."""
+    """The worker's model cache refuses a job's weights outside the allowed prefixes, before any
+    request: the weights fetcher allows only the deployment's own weights URI."""
     from stylequeue.exceptions import AccessDeniedError
-    from stylequeue.tasks import runtime
+    from stylequeue.worker.resources import resources_for
 
     with pytest.raises(AccessDeniedError, match="outside the storage this deployment allows"):
-        runtime.model_for(ss.settings, "max", "s3://someone-elses-bucket/vgg19.pth")
+        resources_for(ss.settings).model("max", "s3://someone-elses-bucket/vgg19.pth")
 
 
 def test_credentials_never_appear_in_logs_args_results_or_objects(ss: Stack) -> None:

@@ -320,13 +320,12 @@ def test_weights_fetched_from_s3_through_registry_and_cached(settings: Settings,
     counter = RequestCounter(store)
     cache = tmp_path / "cache"
 
-    engine_weights.clear_cache()
     loaded = engine_weights.load_weights(models, cache_dir=str(cache))
     assert loaded.info.source == models and not loaded.info.random
     assert torch.allclose(loaded.state_dict["0.weight"], state["0.weight"].half().float())
     assert counter.count == 1 and len(list(cache.iterdir())) == 1
 
-    engine_weights.clear_cache()  # a new worker process: the disk cache serves it, no request
+    # A new worker process: the disk cache serves it, no request.
     again = engine_weights.load_weights(models, cache_dir=str(cache))
     assert again.info.sha256 == loaded.info.sha256
     assert counter.count == 1

@@ -101,31 +101,31 @@ def test_control_flags_on_redis_and_on_files(redis_server, tmp_path) -> None:
 
 
 def test_chain_steps_start_fresh_resume_or_carry_up() -> None:
+    import dataclasses
+
     import torch
 
     from stylequeue.engine import OptimState, preset
-    from stylequeue.settings import Settings
-    from stylequeue.tasks import runtime
+    from stylequeue.tasks.chain import starting_state
 
-    settings = Settings(checkpoint_every=5)
     job = preset("default", size=48, min_size=24, scales=2, iterations=4)
-    assert runtime.step_sizes(job) == [24, 48]
-    step0, step1 = (runtime.step_config(job, k, settings, 5) for k in (0, 1))
-    assert (step0.size, step0.scales, step1.size) == (24, 1, 48)
-    content = make_image(48, 32, seed=1)
-    assert runtime.starting_state(None, step0, 0, content) == (None, "fresh")
+    assert job.scale_sizes == [24, 48]
+    assert starting_state(None, job, 0) == (None, "fresh")
     image = torch.rand(1, 3, 16, 24, requires_grad=True)
-    optimizer = torch.optim.Adam([image], lr=step0.lr)
+    optimizer = torch.optim.Adam([image], lr=job.lr)
     image.grad = torch.rand_like(image)
     optimizer.step()
-    saved = OptimState(image.detach(), optimizer.state_dict(), 2, 0, step0.to_dict())
-    assert runtime.starting_state(saved, step0, 0, content) == (saved, "resumed")
-    carried, how = runtime.starting_state(saved, step1, 1, content)
-    assert how == "carried" and tuple(carried.image.shape) == (1, 3, 32, 48) and carried.iteration == 0
-    moments = next(iter(carried.optimizer_state["state"].values()))["exp_avg"]
-    assert tuple(moments.shape) == (1, 3, 32, 48)  # Adam's state came along, resized
-    with pytest.raises(RuntimeError, match="no checkpoint from step 0"):
-        runtime.starting_state(None, step1, 1, content)
+    mid = OptimState(image.detach(), optimizer.state_dict(), 2, 0, job.to_dict())
+    done = OptimState(image.detach(), optimizer.state_dict(), 4, 0, job.to_dict())
+    assert starting_state(mid, job, 0) == (mid, "resumed")
+    assert starting_state(done, job, 1) == (done, "carried")  # the engine carries it up to 48 px
+    # Cadence and device may differ; a checkpoint of other settings is never continued.
+    assert starting_state(mid, job.replace(progress_every=1, checkpoint_every=1), 0)[1] == "resumed"
+    other = dataclasses.replace(mid, config=job.replace(lr=0.5).to_dict())
+    assert starting_state(other, job, 0) == (None, "fresh")
+    for saved in (None, mid):  # nothing saved, or scale 0 unfinished: step 1 has nothing to carry
+        with pytest.raises(RuntimeError, match="no final state of step 0"):
+            starting_state(saved, job, 1)
 
 
 # --- end to end, on the workers ------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""run_stylize from task threads: real threads, the real engine on tiny CPU images."""
+"""run_step from task threads: real threads, the real engine on tiny CPU images."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from stylequeue.engine import preset, stylize
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.exceptions import JobTimeoutError
 from stylequeue.settings import Settings
-from stylequeue.worker.batching import GpuJob, compatibility_key, run_stylize
+from stylequeue.worker.resources import Resources
+from stylequeue.worker.step import GpuJob, compatibility_key, run_step
 from tests.conftest import make_image
 from tests.engine.conftest import _Loaded, random_features_state_dict
 
@@ -26,8 +27,8 @@ def model() -> VGGFeatures:
     return VGGFeatures.from_weights(_Loaded(random_features_state_dict(0), info), pooling="avg")
 
 
-def _settings(tmp_path: Any, **changes: Any) -> Settings:
-    return Settings(data_dir=str(tmp_path), batch_window_s=0.5, target_cache_storage=False, **changes)
+def _resources(tmp_path: Any, **changes: Any) -> Resources:
+    return Resources(Settings(data_dir=str(tmp_path), batch_window_s=0.5, target_cache_storage=False, **changes))
 
 
 def _in_threads(n: int, fn: Any) -> list[Any]:
@@ -48,7 +49,7 @@ def _in_threads(n: int, fn: Any) -> list[Any]:
 
 
 def test_three_task_threads_share_one_batch(model: VGGFeatures, tmp_path) -> None:
-    settings = _settings(tmp_path, batch_max=3)
+    resources = _resources(tmp_path, batch_max=3)
     cfg = preset("default", **FAST)
     pairs = [(make_image(48, 32, seed=i), make_image(40, 40, seed=10 + i)) for i in range(3)]
     callback_threads: list[set[int]] = [set(), set(), set()]
@@ -57,8 +58,8 @@ def test_three_task_threads_share_one_batch(model: VGGFeatures, tmp_path) -> Non
     def task(i: int) -> Any:
         task_threads[i] = threading.get_ident()
         content, style = pairs[i]
-        return run_stylize(content, [style], cfg, model=model, settings=settings, store=None,
-                           callback=lambda p: callback_threads[i].add(threading.get_ident()))
+        return run_step(content, [style], cfg, step=0, model=model, resources=resources,
+                        callback=lambda p: callback_threads[i].add(threading.get_ident()))
 
     results = _in_threads(3, task)
     for i, result in enumerate(results):
@@ -70,7 +71,7 @@ def test_three_task_threads_share_one_batch(model: VGGFeatures, tmp_path) -> Non
 
 
 def test_cancel_and_deadline_stop_only_their_job(model: VGGFeatures, tmp_path) -> None:
-    settings = _settings(tmp_path, batch_max=3, job_soft_time_limit=2)
+    resources = _resources(tmp_path, batch_max=3, job_soft_time_limit=2)
     cfg = preset("default", **{**FAST, "iterations": 200})
     content, style = make_image(48, 32, seed=1), make_image(40, 40, seed=2)
     progressed = threading.Event()
@@ -81,8 +82,8 @@ def test_cancel_and_deadline_stop_only_their_job(model: VGGFeatures, tmp_path) -
         should_stop = progressed.is_set if i == 0 else None
         callback = (lambda _p: progressed.set()) if i == 0 else None
         started = begun - 100 if i == 1 else begun + 100
-        return run_stylize(content, [style], cfg, model=model, settings=settings, store=None,
-                           should_stop=should_stop, callback=callback, started=started)
+        return run_step(content, [style], cfg, step=0, model=model, resources=resources,
+                        should_stop=should_stop, callback=callback, started=started)
 
     cancelled, timed_out, third = _in_threads(3, task)
     assert cancelled.stopped and 0 < cancelled.state.iteration < 200 and cancelled.batch_size == 3
@@ -95,7 +96,7 @@ def test_compatibility_key(model: VGGFeatures) -> None:
     wide, square = make_image(48, 32, seed=1), make_image(40, 40, seed=2)
 
     def key(content: Any, config: Any) -> Any:
-        return compatibility_key(GpuJob(content, [square], config, model, deadline=0.0))
+        return compatibility_key(GpuJob(content, [square], config, model, deadline=0.0, last_scale=0))
 
     assert key(wide, cfg) == key(make_image(48, 32, seed=5), cfg.replace(seed=3, progress_every=5))
     assert key(wide, cfg) != key(square, cfg)  # another output size

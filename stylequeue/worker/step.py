@@ -1,9 +1,9 @@
-"""What a stylize task calls instead of ``engine.stylize``: batched when the worker batches.
+"""Run one stylize step in this process: alone, or in a batch with other jobs on the GPU thread.
 
-With ``batch_max`` 1 (the default) a task runs the engine itself, as before, with this process's
-style-target cache. With ``batch_max`` N > 1 the worker runs a threads pool of N task threads
+With ``batch_max`` 1 (the default) a task runs the engine itself, with this process's style-target
+cache. With ``batch_max`` N > 1 the worker runs a threads pool of N task threads
 (``stylequeue worker --batch N``); each task hands its step to the process's :class:`Batcher`,
-whose GPU thread runs compatible steps together with :func:`stylequeue.engine.batch.stylize_many`.
+whose GPU thread runs compatible steps together with :func:`stylequeue.engine.stylize_many`.
 
 Each job keeps Celery's semantics: its task thread receives its own result or exception; its
 progress callback and checkpoint uploads run in that thread (posted through its Mailbox); its
@@ -19,21 +19,19 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 from PIL import Image
 
 from stylequeue.engine import OptimState, Progress, StyleConfig, StyleResult, VGGFeatures, stylize
-from stylequeue.engine.batch import BatchItem, batch_signature, output_sizes, stylize_many
 from stylequeue.engine.targets import TargetCache
+from stylequeue.engine.transfer import BatchItem, start_scale, stylize_many
 from stylequeue.exceptions import JobTimeoutError
-from stylequeue.settings import Settings
-from stylequeue.storage.target_cache import open_target_cache
-from stylequeue.worker.batcher import Batcher, Mailbox
+from stylequeue.worker.batcher import Mailbox
 
-_lock = threading.Lock()
-_caches: dict[int, TargetCache | None] = {}
-_batchers: dict[tuple[int, float], Batcher["GpuJob", StyleResult]] = {}
+if TYPE_CHECKING:
+    from stylequeue.worker.resources import Resources
+
 _alone = itertools.count()  # keys of jobs that never share a batch
 
 
@@ -46,6 +44,7 @@ class GpuJob:
     config: StyleConfig
     model: VGGFeatures
     deadline: float  # time.monotonic() at which the job stops and fails as timed out
+    last_scale: int  # the scale this step ends with (the service runs one scale per task)
     resume: OptimState | None = None
     init_image: Image.Image | None = None
     callback: Callable[[Progress], None] | None = None
@@ -70,78 +69,57 @@ class GpuJob:
 def compatibility_key(job: GpuJob) -> Hashable:
     """Jobs with equal keys may share a batch.
 
-    Same model (weights, pooling, device), same settings except batch.BATCH_FREE (seed, init,
-    blend weights, EMA, cadence), the same optimised size at every scale, and the same starting
+    Same model (weights, pooling, device), same settings except BATCH_FREE (seed, init, blend
+    weights, EMA, cadence), the same optimised size at every scale, and the same first and last
     scale. L-BFGS never batches (it is not separable), so each L-BFGS job gets a key of its own.
     """
     if job.config.optimizer != "adam":
         return ("alone", next(_alone))
-    signature = json.dumps(batch_signature(job.config), sort_keys=True)
-    start = job.resume.scale_index if job.resume is not None else 0
-    return (id(job.model), signature, output_sizes(job.content.size, job.config), start)
+    signature = json.dumps(job.config.batch_signature(), sort_keys=True)
+    start = start_scale(job.resume, job.config, job.last_scale)
+    return (id(job.model), signature, job.config.output_sizes(job.content.size), start, job.last_scale)
 
 
 def run_jobs(jobs: list[GpuJob], *, max_batch: int, target_cache: TargetCache | None) -> list[StyleResult]:
     """The Batcher's runner (GPU thread): one stylize_many over compatible jobs."""
     return stylize_many([job.item() for job in jobs], jobs[0].config, model=jobs[0].model,
-                        max_batch=max_batch, target_cache=target_cache)
+                        max_batch=max_batch, target_cache=target_cache, last_scale=jobs[0].last_scale)
 
 
-def target_cache_for(settings: Settings, store: Any) -> TargetCache | None:
-    """This process's style-target cache (memory, then storage), made once per settings."""
-    with _lock:
-        if id(settings) not in _caches:
-            _caches[id(settings)] = open_target_cache(settings, store)
-        return _caches[id(settings)]
-
-
-def batcher_for(settings: Settings, target_cache: TargetCache | None) -> Batcher[GpuJob, StyleResult]:
-    """This process's Batcher and its GPU thread, started on the first batched job."""
-    key = (settings.batch_max, settings.batch_window_s)
-    with _lock:
-        batcher = _batchers.get(key)
-        if batcher is None:
-            def runner(jobs: list[GpuJob]) -> list[StyleResult]:
-                return run_jobs(jobs, max_batch=settings.batch_max, target_cache=target_cache)
-
-            batcher = _batchers[key] = Batcher(runner, batch_max=settings.batch_max,
-                                               window_s=settings.batch_window_s)
-        return batcher
-
-
-def run_stylize(
+def run_step(
     content: Image.Image,
     styles: Sequence[Image.Image],
     config: StyleConfig,
     *,
+    step: int,
     model: VGGFeatures,
-    settings: Settings,
-    store: Any,
+    resources: "Resources",
     callback: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: OptimState | None = None,
     on_checkpoint: Callable[[OptimState], None] | None = None,
     started: float | None = None,
 ) -> StyleResult:
-    """One stylize step, alone or in a batch as the settings say; same arguments as engine.stylize.
+    """Scale ``step`` of a job, alone or in a batch as the settings say; arguments as engine.stylize.
 
     ``should_stop`` (the task's cancel poller) is called in this thread only. In batched mode the
     step stops at ``started + job_soft_time_limit`` and raises JobTimeoutError.
     """
-    cache = target_cache_for(settings, store)
+    settings = resources.settings
+    cache = resources.target_cache()
     if settings.batch_max <= 1:
         return stylize(content, styles, config, model=model, callback=callback, should_stop=should_stop,
-                       resume=resume, on_checkpoint=on_checkpoint, target_cache=cache)
+                       resume=resume, on_checkpoint=on_checkpoint, target_cache=cache, last_scale=step)
     begun = time.monotonic() if started is None else started
     job = GpuJob(content=content, styles=styles, config=config, model=model,
-                 deadline=begun + settings.job_soft_time_limit, resume=resume, callback=callback,
-                 on_checkpoint=on_checkpoint)
+                 deadline=begun + settings.job_soft_time_limit, last_scale=step, resume=resume,
+                 callback=callback, on_checkpoint=on_checkpoint)
 
     def tick() -> None:
         if should_stop is not None and should_stop():
             job.cancelled.set()
 
-    result = batcher_for(settings, cache).submit(job, compatibility_key(job), job.mailbox, tick=tick)
+    result = resources.batcher().submit(job, compatibility_key(job), job.mailbox, tick=tick)
     if result.stopped and not job.cancelled.is_set() and time.monotonic() > job.deadline:
         raise JobTimeoutError(
             f"the job ran past its time limit of {settings.job_soft_time_limit} s; lower the size or "

@@ -29,9 +29,10 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from stylequeue.exceptions import LostMessageError
+from stylequeue.scheduler.jobs import JobHandle
 from stylequeue.settings import Settings
 from stylequeue.tasks.app import settings_of
-from stylequeue.tasks.broker import is_redis_url, queue_keys, redis_client_for, task_ids_on_broker
+from stylequeue.tasks.broker import broker_redis, is_redis_broker, queue_keys, task_ids_on_broker
 from stylequeue.tasks.control import JobControl
 from stylequeue.tasks.sent import resend
 
@@ -67,16 +68,14 @@ class Recovery:
         self.now = now
 
     def broker_ids(self) -> set[str]:
-        keys = queue_keys(self.app.conf.broker_transport_options)
-        client = redis_client_for(self.settings.resolved_broker_url, "lost-message recovery")
-        try:
-            return task_ids_on_broker(client, [self.settings.gpu_queue, self.settings.light_queue], keys)
-        finally:
-            client.close()
+        options = self.app.conf.broker_transport_options
+        with broker_redis(self.settings.resolved_broker_url, options, "lost-message recovery") as client:
+            return task_ids_on_broker(client, [self.settings.gpu_queue, self.settings.light_queue],
+                                      queue_keys(options))
 
     def sweep(self) -> SweepReport:
         report = SweepReport()
-        if not is_redis_url(self.settings.resolved_broker_url):
+        if not is_redis_broker(self.settings.resolved_broker_url):
             report.skipped = "the broker is not Redis; it cannot lose messages this way"
             return report
         # Two beats, or a slow sweep overlapping the next: one at a time.
@@ -126,8 +125,6 @@ class Recovery:
 
     def _waiting_on(self, job_id: str) -> str | None:
         """The task id whose message the job needs next, or None when the job has ended."""
-        from stylequeue.scheduler.jobs import JobHandle
-
         record = self.control.record(job_id)
         if record is None:
             return None  # expired with the results, or released for a resubmission

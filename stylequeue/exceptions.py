@@ -1,17 +1,15 @@
 """Every exception stylequeue raises, in one place.
 
 Messages are for the person who sent the job: each says what was wrong and how to fix it.
-``permanent`` tells the service whether retrying could ever help; a permanent error fails a
-job at once instead of burning its retry budget.
+Only :class:`TransientStorageError` is worth retrying (the tasks' ``autoretry_for``); every other
+error fails a job at once instead of burning its retry budget.
 """
 
 from __future__ import annotations
 
 
 class StyleQueueError(Exception):
-    """Base class. ``permanent`` errors are never retried by the service."""
-
-    permanent: bool = True
+    """Base class of every error stylequeue raises on purpose."""
 
 
 class ConfigError(StyleQueueError, ValueError):
@@ -49,8 +47,6 @@ class StorageError(StyleQueueError):
 class TransientStorageError(StorageError):
     """Connection refused, timeout, 5xx, throttling: worth retrying with backoff."""
 
-    permanent = False
-
 
 class ObjectNotFoundError(StorageError):
     """The named object (or its bucket) does not exist."""
@@ -62,10 +58,6 @@ class AccessDeniedError(StorageError):
 
 class UnsupportedURIError(StorageError, ValueError):
     """The URI's scheme is not one stylequeue can read or write."""
-
-
-class JobCancelledError(StyleQueueError):
-    """The job was cancelled by its producer."""
 
 
 class JobTimeoutError(StyleQueueError):

@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MAX_STYLES = 8
-OUTPUT_FORMATS = ("png", "jpg", "webp")
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "json": "application/json"}
 # Engine settings a job may not set: the worker owns the device, the deployment the cadence.
 _NOT_JOB_PARAMS = {
@@ -73,7 +72,6 @@ StorageURI = Annotated[str, AfterValidator(_check_uri)]
 class JobStatus(str, Enum):
     """Where a job is. Values are what result.json and the CLI print."""
 
-    PENDING = "pending"  # unknown to the service yet (or not yet recorded)
     VALIDATING = "validating"
     QUEUED = "queued"
     RUNNING = "running"
@@ -87,14 +85,8 @@ class JobStatus(str, Enum):
     def is_finished(self) -> bool:
         return self in _FINISHED
 
-    @property
-    def is_active(self) -> bool:
-        """Taking (or about to take) a worker's time."""
-        return self in _ACTIVE
-
 
 _FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMED_OUT})
-_ACTIVE = frozenset({JobStatus.VALIDATING, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PUBLISHING})
 
 
 class JobSpec(BaseModel):
@@ -189,8 +181,6 @@ class JobSpec(BaseModel):
     def message(self) -> dict[str, Any]:
         """The Celery argument: a small JSON dict (URIs, names, numbers) that validates back."""
         return self.model_dump(mode="json")
-
-    to_message = message
 
     def public_dict(self) -> dict[str, Any]:
         """The spec as recorded in result.json (nothing secret is ever in a spec)."""

@@ -52,17 +52,10 @@ class StyleLoss(nn.Module):
         self.norm = norm
 
     @classmethod
-    def from_styles(
-        cls, style_features: Sequence[torch.Tensor], blend: Sequence[float], norm: str = "chw"
-    ) -> "StyleLoss":
-        """Target = sum_i blend_i * Gram(style_i): several styles mixed by blend weights."""
-        return cls.from_grams([gram_matrix(f, norm) for f in style_features], blend, norm)
-
-    @classmethod
     def from_grams(
         cls, grams: Sequence[torch.Tensor], blend: Sequence[float], norm: str = "chw"
     ) -> "StyleLoss":
-        """The same target from Gram matrices computed earlier (a cached style target)."""
+        """Target = sum_i blend_i * G_i: several styles' Gram matrices mixed by blend weights."""
         target = sum(w * g for w, g in zip(blend, grams))
         return cls(torch.as_tensor(target), norm)
 

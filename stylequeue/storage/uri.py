@@ -14,9 +14,6 @@ from urllib.parse import unquote, urlsplit
 
 from stylequeue.exceptions import AccessDeniedError, UnsupportedURIError
 
-SCHEMES = ("s3", "file")
-
-
 @dataclass(frozen=True)
 class Location:
     """A parsed URI. For ``s3``: ``bucket`` and ``key``; for ``file``: ``path`` (absolute, normalised)."""

@@ -41,7 +41,7 @@ def test_content_loss_is_feature_mse_per_item() -> None:
 
 def test_style_loss_blends_grams_and_is_gram_mse() -> None:
     s1, s2, x = torch.randn(1, 4, 6, 6), torch.randn(1, 4, 5, 7), torch.randn(1, 4, 3, 5)
-    loss = StyleLoss.from_styles([s1, s2], [0.25, 0.75])
+    loss = StyleLoss.from_grams([gram_matrix(s1), gram_matrix(s2)], [0.25, 0.75])
     expected_target = 0.25 * _hand_gram(s1[0]) + 0.75 * _hand_gram(s2[0])
     torch.testing.assert_close(loss.target[0], expected_target)
     torch.testing.assert_close(loss(x)[0], ((_hand_gram(x[0]) - expected_target) ** 2).mean())

@@ -31,8 +31,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stylequeue.settings import load_settings
 from stylequeue.tasks.app import TASK_PUBLISH, TASK_STYLIZE, TASK_VALIDATE, make_app
+from testbed.net import free_port, wait_until
+from testbed.redis import RedisServer
+from testbed.s3 import S3Server
 from tests.service.conftest import module_service_env
-from tests.servers import RedisServer, S3Server, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "ops", "flower-" + uuid.uuid4().hex[:12]

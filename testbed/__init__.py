@@ -14,5 +14,5 @@ repository root, as ``python -m pytest`` and ``python -m bench.<name>`` run.
   :class:`~testbed.s3.S3Faults`.
 * :mod:`testbed.env`: ``service_env_for``, the ``STYLEQUEUE_*`` variables pointing at the servers.
 * :mod:`testbed.workers`: :class:`~testbed.workers.CeleryWorker`, ``start_all`` / ``stop_all``,
-  :class:`~testbed.workers.Beat`.
+  :class:`~testbed.workers.Beat`, and ``start_stylequeue`` / ``stop_process`` for other commands.
 """

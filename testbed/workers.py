@@ -4,6 +4,8 @@ A :class:`CeleryWorker` is a subprocess running exactly what a deployment runs
 (``celery -A stylequeue.tasks.app worker -Q <queue>``) with the test's ``STYLEQUEUE_*``
 environment. Its log goes to a file that :meth:`CeleryWorker.log_text` returns, so a failing test
 can show what the worker did. Stop is SIGTERM (Celery's warm shutdown), then SIGKILL if it hangs.
+The repository root is on its ``PYTHONPATH``, so ``extra_args=["--include", "testbed.poison"]``
+loads a harness plugin however the tests or benchmarks were started.
 
 :class:`Beat` runs ``stylequeue beat``; :func:`start_stylequeue` / :func:`stop_process` any other
 ``stylequeue`` command (``worker``, the launcher; ``flower``) the same way.
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Mapping
 
 APP = "stylequeue.tasks.app"
+# Where testbed/ lives: python -m puts only the cwd on a subprocess's path, which need not be it.
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class CeleryWorker:
@@ -39,6 +43,7 @@ class CeleryWorker:
         startup_timeout: float = 60.0,
     ) -> None:
         self.env = {**os.environ, **env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), self.env.get("PYTHONPATH")]))
         self.queue = queue
         self.hostname = f"{name or queue}-{uuid.uuid4().hex[:6]}@test"
         self.concurrency = concurrency

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import signal
 import time
 from typing import Any
 
@@ -52,9 +50,6 @@ log = logging.getLogger(__name__)
 settings = settings_of(app)
 
 CANCELLED_REASON = "cancelled by its producer"
-# Test-only hook (tests/service/test_faults.py): the stylize task of the job with this id kills
-# its own process, the way a poison input that crashes a driver would.
-TEST_CRASH_ENV = "STYLEQUEUE_TEST_CRASH_ON"
 
 
 class JobTask(Task):
@@ -139,8 +134,6 @@ def stylize(self: JobTask, message: dict[str, Any], step: int = 0) -> dict[str, 
     if _finished(store, paths) is not None:
         return {"job_id": spec.job_id, "step": step, "already_done": True}
     self.check_cancelled(spec.job_id)
-    if os.environ.get(TEST_CRASH_ENV) == spec.job_id:
-        os.kill(os.getpid(), signal.SIGKILL)  # test-only: a poison job that kills its worker process
     job_config = spec.style_config()
     steps = len(runtime.step_sizes(job_config))
     preview_every, checkpoint_every = spec.cadence(settings)

@@ -1,7 +1,7 @@
 """The queue's own cost, measured end to end on loopback: jobs/min, latency, overhead, batching.
 
 Everything is real, as in tests/service: a private ``redis-server`` (broker and results), moto's
-S3 server (tests.servers), ``celery worker`` processes started exactly as ``stylequeue worker``
+S3 server (testbed.s3), ``celery worker`` processes started exactly as ``stylequeue worker``
 starts them (stylequeue.worker.launcher.plan_workers: prefork with one child per GPU-queue
 worker, or a threads pool with ``--batch N``), a light worker (concurrency 2), and producers
 calling :func:`stylequeue.scheduler.submit`. Weights are ``random:0``: true timings, no real
@@ -40,8 +40,10 @@ from stylequeue.scheduler import submit
 from stylequeue.settings import Settings, load_settings
 from stylequeue.tasks.app import make_app
 from stylequeue.worker.launcher import plan_workers
-from tests.servers import RedisServer, S3Server, service_env_for
-from tests.service.workers import CeleryWorker, start_all, stop_all
+from testbed.env import service_env_for
+from testbed.redis import RedisServer
+from testbed.s3 import S3Server
+from testbed.workers import CeleryWorker, start_all, stop_all
 
 WEIGHTS = "random:0"
 CONTENTS = 4  # distinct content images, cycled over the jobs

@@ -24,7 +24,7 @@ from celery.app.amqp import AMQP
 from stylequeue.scheduler import submit
 from stylequeue.settings import load_settings
 from stylequeue.tasks.app import make_app
-from tests.servers import RedisServer
+from testbed.redis import RedisServer
 
 
 def _apps(redis: RedisServer, data_dir: str) -> dict[str, object]:

@@ -17,8 +17,8 @@ from PIL import Image
 from stylequeue.cli import main
 from stylequeue.engine import preset
 from stylequeue.engine.weights import file_sha256, load_weights
+from testbed.s3 import S3Server
 from tests.conftest import make_image
-from tests.servers import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from stylequeue.tasks.control import KEY_PREFIX, JobControl
-from tests.servers import S3Server
+from testbed.s3 import S3Server
 from tests.service.fault_stack import Stack, job_spec, start_stack
 
 RESULT_PREFIX = b"celery-task-meta-"

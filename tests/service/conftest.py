@@ -15,7 +15,9 @@ from typing import Iterator
 import pytest
 
 from stylequeue.settings import Settings, load_settings
-from tests.servers import RedisServer, S3Server, service_env_for
+from testbed.env import service_env_for
+from testbed.redis import RedisServer
+from testbed.s3 import S3Server
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +54,7 @@ def service_env(
 
     Merge into ``os.environ`` for subprocesses: ``env = {**os.environ, **service_env}``.
     Weights are explicit random ones (``random:0``): no test downloads or silently falls back.
-    Redis databases 0 (broker) and 1 (results); see :func:`tests.servers.service_env_for`.
+    Redis databases 0 (broker) and 1 (results); see :func:`testbed.env.service_env_for`.
     """
     if not redis_server.running:
         redis_server.start()
@@ -81,7 +83,7 @@ def settings(service_env: dict[str, str]) -> Settings:
 from dataclasses import dataclass as _dataclass  # noqa: E402
 from typing import Any as _Any  # noqa: E402
 
-from tests.service.workers import CeleryWorker, start_all, stop_all  # noqa: E402
+from testbed.workers import CeleryWorker, start_all, stop_all  # noqa: E402
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

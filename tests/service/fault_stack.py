@@ -21,9 +21,11 @@ from typing import Any, Callable, Iterator
 
 from stylequeue.settings import Settings, load_settings
 from stylequeue.tasks.broker import queue_keys, task_ids_on_broker
+from testbed.env import service_env_for
+from testbed.redis import RedisServer
+from testbed.s3 import S3Server
+from testbed.workers import Beat, CeleryWorker, start_all, stop_all
 from tests.conftest import make_image
-from tests.servers import RedisServer, S3Server, service_env_for
-from tests.service.workers import Beat, CeleryWorker, start_all, stop_all
 
 
 @dataclass

@@ -16,8 +16,8 @@ from stylequeue.scheduler import submit
 from stylequeue.settings import load_settings
 from stylequeue.tasks.app import make_app
 from stylequeue.worker.launcher import plan_workers
+from testbed.workers import CeleryWorker, start_all, stop_all
 from tests.service.conftest import ServiceWorkers, module_service_env
-from tests.service.workers import CeleryWorker, start_all, stop_all
 
 pytestmark = pytest.mark.timeout(300)
 BATCH = 3

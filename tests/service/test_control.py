@@ -18,7 +18,7 @@ from stylequeue.settings import load_settings
 from stylequeue.tasks.app import TASK_PUBLISH, TASK_VALIDATE, make_app
 from stylequeue.tasks.control import FileKeyValue, JobControl, KeyValue, RedisKeyValue
 from stylequeue.tasks.sent import message_record, resend
-from tests.servers import RedisServer
+from testbed.redis import RedisServer
 
 
 @pytest.fixture(params=["redis", "file"])

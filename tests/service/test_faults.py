@@ -46,7 +46,8 @@ ENV = {
     # One attempt rides out ~4 s of outage by itself (0.25 + 0.5 + 1 + 2 s, plus jitter).
     "STYLEQUEUE_STORAGE_RETRIES": "4",
     "STYLEQUEUE_STORAGE_BACKOFF_S": "0.25",
-    # Test-only hook (stylequeue/tasks/jobs.py): the stylize task of this job kills its process.
+    # Read by the harness plugin testbed.poison in the GPU workers (not imported here: it connects
+    # a signal in whatever process imports it): the stylize task of this job kills its process.
     "STYLEQUEUE_TEST_CRASH_ON": POISON_ID,
     # Beat runs beside the workers, as deployed; its recovery sweep every 2 s (grace: the
     # visibility timeout) re-sends a message lost in a broker restart.
@@ -57,7 +58,8 @@ ENV = {
 @pytest.fixture(scope="module")
 def stack(s3_server, tmp_path_factory) -> Stack:
     with start_stack(s3_server, tmp_path_factory.mktemp("faults"), gpu_workers=2, appendonly=True,
-                     versioned=True, extra_env=ENV, beat=True) as stack:
+                     gpu_args=["--include", "testbed.poison"], versioned=True, extra_env=ENV,
+                     beat=True) as stack:
         stack.content = stack.put_png("in/content.png", (48, 32), 1)
         stack.style = stack.put_png("in/style.png", (40, 40), 2)
         yield stack

@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -31,8 +30,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stylequeue.settings import load_settings
 from stylequeue.tasks.app import TASK_PUBLISH, TASK_STYLIZE, TASK_VALIDATE, make_app
+from testbed.net import free_port, wait_until
+from testbed.redis import RedisServer
+from testbed.s3 import S3Server
+from testbed.workers import start_stylequeue, stop_process
 from tests.service.conftest import module_service_env
-from tests.servers import RedisServer, S3Server, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "ops", "flower-" + uuid.uuid4().hex[:12]
@@ -84,22 +86,6 @@ def png(seed: int, size: int = 40) -> bytes:
     return buffer.getvalue()
 
 
-def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as fh:
-        return subprocess.Popen([sys.executable, "-m", "stylequeue", *argv], env=env,
-                                stdout=fh, stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def stack(redis_server: RedisServer, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One worker launcher and one Flower for the module: each takes ~20 s to start here.
@@ -131,16 +117,16 @@ def stack(redis_server: RedisServer, s3_server: S3Server, tmp_path_factory: pyte
     for key, seed in (("in/content.png", 1), ("in/style.png", 2)):
         s3.put_object(Bucket=bucket, Key=key, Body=png(seed))
     app = make_app(load_settings(environ=env))
-    worker = start(["worker", "--gpus", "0", "--concurrency-light", "1"], env, tmp / "worker.log")
-    flower = start(["flower", "--port", str(port), "--address", "127.0.0.1"], env, tmp / "flower.log")
+    worker = start_stylequeue(["worker", "--gpus", "0", "--concurrency-light", "1"], env, tmp / "worker.log")
+    flower = start_stylequeue(["flower", "--port", str(port), "--address", "127.0.0.1"], env, tmp / "flower.log")
     stack = Stack(env, app, port, bucket, tmp)
     try:
         wait_until(lambda: stack.get("/healthcheck", auth=None)[0] == 200, 120, "flower",
                    lambda: f"last error: {stack.last_error}\n" + (tmp / "flower.log").read_text(errors="replace"))
         yield stack
     finally:
-        stop(flower, 20)
-        stop(worker)
+        stop_process(flower, 20)
+        stop_process(worker)
         app.close()
         s3_server.remove_bucket(bucket)
 

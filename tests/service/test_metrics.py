@@ -27,7 +27,8 @@ from stylequeue.monitoring.queues import (
 )
 from stylequeue.settings import Settings, load_settings
 from stylequeue.tasks.app import TASK_STYLIZE, TASK_VALIDATE, make_app
-from tests.servers import RedisServer, free_port, wait_until
+from testbed.net import free_port, wait_until
+from testbed.redis import RedisServer
 
 GPU_PRIORITIES = [0, 0, 3, 5, 5, 9]  # as sent; kombu files each under its priority step
 LIGHT_MESSAGES = 2
@@ -154,7 +155,7 @@ def test_a_jobs_gpu_step_waits_in_a_list_the_keda_redis_triggers_watch(
     from PIL import Image
 
     from stylequeue.scheduler import submit
-    from tests.service.workers import CeleryWorker
+    from testbed.workers import CeleryWorker
 
     inputs = tmp_path / "data" / "objects" / "in"
     inputs.mkdir(parents=True)

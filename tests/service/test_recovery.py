@@ -21,8 +21,8 @@ from stylequeue.job import JobStatus
 from stylequeue.scheduler import submit, submit_batch
 from stylequeue.tasks.control import JobControl
 from stylequeue.scheduler.recovery import Recovery
+from testbed.workers import Beat
 from tests.service.fault_stack import Stack, job_spec, start_stack, wait_for
-from tests.service.workers import Beat
 
 pytestmark = pytest.mark.timeout(180)
 

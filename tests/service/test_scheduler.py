@@ -18,8 +18,8 @@ from stylequeue.exceptions import ConfigError, JobSpecError
 from stylequeue.scheduler import get_job, parse_manifest, submit, submit_batch, submit_manifest
 from stylequeue.contact_sheet import make_contact_sheet, plan_layout
 from stylequeue.tasks.app import TASK_EXPIRE_PREVIEWS, TASK_SCAN_MANIFESTS
+from testbed.workers import Beat
 from tests.conftest import make_image
-from tests.service.workers import Beat
 
 pytestmark = pytest.mark.timeout(240)
 

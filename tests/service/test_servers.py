@@ -7,7 +7,9 @@ import os
 import pytest
 
 from stylequeue.settings import Settings
-from tests.servers import RedisServer, S3Server, TcpProxy, port_open
+from testbed.net import TcpProxy, port_open
+from testbed.redis import RedisServer
+from testbed.s3 import S3Server
 
 
 def test_redis_restarts_on_same_port(redis_server: RedisServer) -> None:

@@ -20,7 +20,7 @@ from stylequeue.exceptions import (
 )
 from stylequeue.settings import Settings
 from stylequeue.storage import Storage, open_storage
-from tests.servers import S3Server
+from testbed.s3 import S3Server
 
 
 @pytest.fixture(params=["s3", "file"])

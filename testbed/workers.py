@@ -4,6 +4,11 @@ A :class:`CeleryWorker` is a subprocess running exactly what a deployment runs
 (``celery -A stylequeue.tasks.app worker -Q <queue>``) with the test's ``STYLEQUEUE_*``
 environment. Its log goes to a file that :meth:`CeleryWorker.log_text` returns, so a failing test
 can show what the worker did. Stop is SIGTERM (Celery's warm shutdown), then SIGKILL if it hangs.
+The repository root is on its ``PYTHONPATH``, so ``extra_args=["--include", "testbed.poison"]``
+loads a harness plugin however the tests or benchmarks were started.
+
+:class:`Beat` runs ``stylequeue beat``; :func:`start_stylequeue` / :func:`stop_process` any other
+``stylequeue`` command (``worker``, the launcher; ``flower``) the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from pathlib import Path
 from typing import Mapping
 
 APP = "stylequeue.tasks.app"
+# Where testbed/ lives: python -m puts only the cwd on a subprocess's path, which need not be it.
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class CeleryWorker:
@@ -36,6 +43,7 @@ class CeleryWorker:
         startup_timeout: float = 60.0,
     ) -> None:
         self.env = {**os.environ, **env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), self.env.get("PYTHONPATH")]))
         self.queue = queue
         self.hostname = f"{name or queue}-{uuid.uuid4().hex[:6]}@test"
         self.concurrency = concurrency
@@ -153,16 +161,29 @@ class Beat:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
 
     def __enter__(self) -> "Beat":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_stylequeue(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``python -m stylequeue <argv>`` as a subprocess with exactly ``env``, its output in ``log``."""
+    with log.open("wb") as fh:
+        return subprocess.Popen([sys.executable, "-m", "stylequeue", *argv], env=env,
+                                stdout=fh, stderr=subprocess.STDOUT)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGTERM (a warm shutdown for Celery's processes), then SIGKILL after ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -43,6 +43,8 @@ class Settings:
     # Celery. Empty means "zero-server default under data_dir".
     broker_url: str = ""
     result_backend: str = ""
+    # With sentinel:// URLs (Redis Sentinel failover): the name of the master they watch.
+    redis_sentinel_master: str = ""
     gpu_queue: str = "gpu"
     light_queue: str = "light"
     # Longest job we expect, in seconds; the visibility timeout and time limits derive from it.

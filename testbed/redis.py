@@ -58,11 +58,7 @@ class RedisServer(Restartable):
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        durable = ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
-        auth = ["--requirepass", self.password] if self.password else []
-        args = [exe, "--port", str(self.port), "--bind", HOST, "--save", "", *durable, *auth,
-                "--dir", str(self.workdir), "--logfile", str(self.log_path)]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self._proc = subprocess.Popen([exe, *self._args()], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
         def ready() -> bool:
             if self._proc is not None and self._proc.poll() is not None:
@@ -75,6 +71,12 @@ class RedisServer(Restartable):
             self._terminate(signal.SIGKILL)
             raise
         self.running = True
+
+    def _args(self) -> list[str]:
+        durable = ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
+        auth = ["--requirepass", self.password] if self.password else []
+        return ["--port", str(self.port), "--bind", HOST, "--save", "", *durable, *auth,
+                "--dir", str(self.workdir), "--logfile", str(self.log_path)]
 
     def stop(self) -> None:
         """Graceful stop (SIGTERM); the port is free again when this returns."""
@@ -98,3 +100,31 @@ class RedisServer(Restartable):
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class RedisSentinel(RedisServer):
+    """A Redis Sentinel (``redis-server CONF --sentinel``) watching ``master`` as ``name``.
+
+    What a deployment with failover gives its clients: they ask the sentinel for the master and
+    connect there, with a ``sentinel://HOST:PORT`` URL and the master's name.
+    """
+
+    def __init__(self, master: RedisServer, name: str = "stylequeue", port: int | None = None) -> None:
+        super().__init__(port)
+        self.master = master
+        self.name = name
+
+    @property
+    def url(self) -> str:
+        return f"sentinel://{HOST}:{self.port}"
+
+    def url_for(self, db: int) -> str:
+        return f"{self.url}/{db}"
+
+    def _args(self) -> list[str]:
+        conf = self.workdir / "sentinel.conf"  # a sentinel rewrites its config: it must be a file
+        conf.write_text(
+            f"port {self.port}\nbind {HOST}\ndir {self.workdir}\nlogfile {self.log_path}\n"
+            f"sentinel monitor {self.name} {HOST} {self.master.port} 1\n"
+        )
+        return [str(conf), "--sentinel"]

@@ -20,7 +20,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from stylequeue.exceptions import ConfigError
-from stylequeue.settings import Settings, load_settings
+from stylequeue.settings import Settings, load_settings, redact_url
 from stylequeue.tasks.broker import is_redis_broker
 from stylequeue.tasks.sent import RecordingAMQP
 
@@ -102,6 +102,18 @@ def _restore_options(settings: Settings) -> dict[str, int]:
             "unacked_mutex_expire": max(10, 2 * interval)}
 
 
+def _sentinel_options(settings: Settings, url: str) -> dict[str, str]:
+    """A ``sentinel://`` URL names sentinels, not a server: kombu and Celery also need the master's name."""
+    if not url.startswith("sentinel://"):
+        return {}
+    if not settings.redis_sentinel_master:
+        raise ConfigError(
+            f"{redact_url(url)} is a Redis Sentinel URL: set STYLEQUEUE_REDIS_SENTINEL_MASTER to the "
+            "name of the master the sentinels watch"
+        )
+    return {"master_name": settings.redis_sentinel_master}
+
+
 def _queues(settings: Settings) -> tuple[Queue, Queue]:
     # x-max-priority matters on AMQP brokers; Redis uses priority_steps below instead.
     return tuple(
@@ -147,7 +159,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     _check_limits(settings)
     broker_url = settings.resolved_broker_url
     backend_url = settings.resolved_result_backend
-    broker_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    broker_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout,
+                                      **_sentinel_options(settings, broker_url)}
+    backend_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout,
+                                       **_sentinel_options(settings, backend_url)}
     if is_redis_broker(broker_url):
         broker_options.update(queue_order_strategy="priority", priority_steps=PRIORITY_STEPS,
                               **_restore_options(settings))
@@ -176,7 +191,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         # Celery reads the visibility timeout from both option dicts (broker and result backend).
         "broker_transport_options": broker_options,
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "result_backend_transport_options": backend_options,
         "task_soft_time_limit": settings.job_soft_time_limit,
         "task_time_limit": settings.job_time_limit,
         "task_track_started": True,

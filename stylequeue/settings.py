@@ -75,6 +75,9 @@ class Settings:
     # Engine inputs the deployment controls.
     weights: str = "imagenet"
     weights_sha256: str = ""
+    # The input the weights expect, "torchvision" or "caffe"; empty: what the file records, else
+    # torchvision. A file that records another is refused.
+    weights_convention: str = ""
     weights_cache_dir: str = ""
     max_pixels: int = 4096 * 4096
     device: str = "auto"

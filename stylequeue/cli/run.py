@@ -42,6 +42,9 @@ _PASSTHROUGH = {
     "style_scale": "style_scale",
     "original_colors": "original_colors",
     "pooling": "pooling",
+    "network": "network",
+    "loss_norm": "loss_norm",
+    "style_loss": "style_loss",
     "scales": "scales",
     "min_size": "min_size",
     "progress_every": "progress_every",
@@ -81,6 +84,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     engine.add_argument("--init", metavar="content|noise|PATH", help="starting image")
     engine.add_argument("--pooling", help="max or avg")
+    engine.add_argument("--style-loss", help="gram (Gatys et al.) or wasserstein (means and covariances)")
+    engine.add_argument("--loss-norm", help="none (plain MSE) or relative (each term over its target's "
+                        "mean square: weights mean the same on any network)")
+    engine.add_argument("--network", help="vgg19 or vgg16 (default: the weights' network)")
     engine.add_argument("--scales", type=int, help="number of coarse-to-fine sizes")
     engine.add_argument("--min-size", type=int, help="longest side of the coarsest scale")
     engine.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: settings)")
@@ -91,6 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="imagenet, a file path, s3://bucket/key or random[:SEED] (default: settings)",
     )
     io.add_argument("--weights-sha256", help="refuse weights whose file has another sha256")
+    io.add_argument("--weights-convention", help="torchvision or caffe: the input the weights expect "
+                    "(default: what the file records, else torchvision)")
     io.add_argument(
         "--max-pixels", type=int, help="largest input/output in pixels (default: settings)"
     )
@@ -117,6 +126,8 @@ def run_command(args: argparse.Namespace) -> int:
     content, styles, init_image = _load_inputs(args, init_path, config, settings.max_pixels)
     images_s = time.perf_counter() - started
     model = resources_for(settings).model(config.pooling, device=config.device)
+    if args.network is None:
+        config = config.replace(network=model.network.name)
     weights_info = model.info
     setup_s = time.perf_counter() - started
 
@@ -159,6 +170,7 @@ def _settings(args: argparse.Namespace) -> "Settings":
         {
             "weights": args.weights,
             "weights_sha256": args.weights_sha256,
+            "weights_convention": args.weights_convention,
             "max_pixels": args.max_pixels,
             "device": args.device,
         }

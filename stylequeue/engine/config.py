@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
-from stylequeue.engine.network import POOLINGS, VGG19
+from stylequeue.engine.network import NETWORKS, POOLINGS, network
 from stylequeue.exceptions import ConfigError
 
 OPTIMIZERS = ("adam", "lbfgs")
@@ -22,6 +22,13 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 # "chw" divides by C*H*W (size-independent); "sqrt_chw" divides by sqrt(C*H*W), which makes
 # mean((G - A)^2) equal the seed's mean((F F^T - S S^T)^2) / (C*H*W) exactly.
 GRAM_NORMS = ("chw", "sqrt_chw")
+# How each loss term is scaled: "none" is the plain MSE (Gatys et al., the seed); "relative"
+# divides each term by its target's mean square, which makes it dimensionless: the same weights
+# then mean the same on VGG16 and VGG19, torchvision or Caffe weights, and at any image size.
+LOSS_NORMS = ("none", "relative")
+# The style statistic matched per layer: Gram matrices (Gatys et al.), or means and covariances
+# compared by the 2-Wasserstein distance between Gaussians (crowsonkb/style-transfer-pytorch).
+STYLE_LOSSES = ("gram", "wasserstein")
 # Which tensor the optimiser updates: "pixel" is RGB in [0, 1] (clamped after each step);
 # "normalized" is the ImageNet-normalised tensor, unclamped, as in the seed's code.
 SPACES = ("pixel", "normalized")
@@ -66,6 +73,7 @@ class StyleConfig:
     pretrained weights could be had there): rerun it with real ones before trusting the look.
     """
 
+    network: str = "vgg19"  # must be the weights' network (the worker's or the CLI's weights say)
     size: int = 512  # longest side of the output, pixels
     iterations: int = 300  # optimiser steps per scale
     optimizer: str = "adam"
@@ -80,6 +88,8 @@ class StyleConfig:
     style_weight: float = 100.0
     tv_weight: float = 0.0
     gram_norm: str = "sqrt_chw"
+    loss_norm: str = "none"
+    style_loss: str = "gram"
     style_blend_weights: tuple[float, ...] | None = None  # None: equal; normalised to sum 1
     style_scale: float = 1.0  # style's longest side = style_scale * the output's longest side
     original_colors: bool = False  # luminance-only transfer (Gatys et al. 2016)
@@ -156,10 +166,11 @@ class StyleConfig:
         """ConfigError naming the image ``name`` when a scale's image would be too small for the
         deepest layer (an extreme aspect ratio: 2000x4 at 32 px is 32x1); cheap, so checked before
         anything runs."""
-        deepest = VGG19.deepest([*self.content_layers, *self.style_layers]).name
+        net = network(self.network)
+        deepest = net.deepest([*self.content_layers, *self.style_layers]).name
         for width, height in self.output_sizes(content_size):
             try:
-                VGG19.check_input_size((height, width), deepest)
+                net.check_input_size((height, width), deepest)
             except ConfigError as exc:
                 raise ConfigError(f"{name}: {exc}") from None
 
@@ -181,6 +192,9 @@ def _check_choices(cfg: StyleConfig) -> None:
         ("compile", COMPILE_MODES),
         ("gram_norm", GRAM_NORMS),
         ("space", SPACES),
+        ("network", tuple(NETWORKS)),
+        ("loss_norm", LOSS_NORMS),
+        ("style_loss", STYLE_LOSSES),
     ):
         value = getattr(cfg, name)
         if value not in allowed:
@@ -246,10 +260,10 @@ def _check_layers(cfg: StyleConfig) -> None:
         layers = getattr(cfg, f"{kind}_layers")
         weights = getattr(cfg, f"{kind}_layer_weights")
         if not layers:
-            raise ConfigError(f"{kind}_layers must name at least one VGG19 layer")
+            raise ConfigError(f"{kind}_layers must name at least one {cfg.network.upper()} layer")
         if len(set(layers)) != len(layers):
             raise ConfigError(f"{kind}_layers lists a layer twice: {list(layers)}")
-        VGG19.check_layers(layers, what=f"{kind} layer")
+        network(cfg.network).check_layers(layers, what=f"{kind} layer")
         if weights is not None:
             if len(weights) != len(layers):
                 raise ConfigError(

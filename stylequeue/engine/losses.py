@@ -6,6 +6,7 @@ optimise independently: the sum over the batch has per-image gradients.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -32,35 +33,140 @@ def _per_item_mse(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (x - target).pow(2).flatten(1).mean(1)
 
 
-class ContentLoss(nn.Module):
+def _relative_scale(target: torch.Tensor, relative: bool) -> torch.Tensor | None:
+    """1 / the target's mean square per item, (B,): the factor that makes a loss relative."""
+    if not relative:
+        return None
+    return 1.0 / target.float().pow(2).flatten(1).mean(1).clamp_min(1e-12)
+
+
+class _FixedTargetLoss(nn.Module):
+    """A loss against fixed targets, optionally relative: divided by the target's mean square.
+
+    Relative losses are dimensionless: scaling the features by any factor (another network, or
+    Caffe-convention weights whose activations are ~28x torchvision's) leaves them unchanged,
+    so one set of weights means the same on every network (see StyleConfig.loss_norm).
+    """
+
+    scale: torch.Tensor | None
+
+    def _normalised(self, per_item: torch.Tensor) -> torch.Tensor:
+        return per_item if self.scale is None else per_item * self.scale
+
+    @classmethod
+    def stacked(cls, losses: Sequence["_FixedTargetLoss"]) -> "_FixedTargetLoss":
+        """One loss over a batch: each buffer concatenated along the batch dimension."""
+        out = copy.copy(losses[0])
+        out._buffers = {name: None if value is None else torch.cat([l._buffers[name] for l in losses])
+                        for name, value in losses[0]._buffers.items()}
+        return out
+
+
+class ContentLoss(_FixedTargetLoss):
     """Feature MSE against a fixed target (1 or B, C, H, W)."""
 
-    def __init__(self, target: torch.Tensor) -> None:
+    def __init__(self, target: torch.Tensor, *, relative: bool = False) -> None:
         super().__init__()
         self.register_buffer("target", target.detach())
+        self.register_buffer("scale", _relative_scale(target.detach(), relative))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return _per_item_mse(features.float(), self.target.float())
+        return self._normalised(_per_item_mse(features.float(), self.target.float()))
 
 
-class StyleLoss(nn.Module):
+class StyleLoss(_FixedTargetLoss):
     """MSE between the image's Gram matrix and a fixed target Gram (1 or B, C, C)."""
 
-    def __init__(self, target_gram: torch.Tensor, norm: str = "chw") -> None:
+    def __init__(self, target_gram: torch.Tensor, norm: str = "chw", *, relative: bool = False) -> None:
         super().__init__()
         self.register_buffer("target", target_gram.detach())
+        self.register_buffer("scale", _relative_scale(target_gram.detach(), relative))
         self.norm = norm
 
     @classmethod
     def from_grams(
-        cls, grams: Sequence[torch.Tensor], blend: Sequence[float], norm: str = "chw"
+        cls, grams: Sequence[torch.Tensor], blend: Sequence[float], norm: str = "chw", *, relative: bool = False
     ) -> "StyleLoss":
         """Target = sum_i blend_i * G_i: several styles' Gram matrices mixed by blend weights."""
         target = sum(w * g for w, g in zip(blend, grams))
-        return cls(torch.as_tensor(target), norm)
+        return cls(torch.as_tensor(target), norm, relative=relative)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return _per_item_mse(gram_matrix(features, self.norm), self.target)
+        return self._normalised(_per_item_mse(gram_matrix(features, self.norm), self.target))
+
+
+def moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (B, C) and second raw moment (B, C, C) of (B, C, H, W) features, in float32.
+
+    Unlike covariances these mix linearly, so several styles blend by blending their moments.
+    """
+    b, c, h, w = features.shape
+    flat = features.float().reshape(b, c, h * w)  # (B, C, HW)
+    return flat.mean(2), flat @ flat.transpose(1, 2) / (h * w)
+
+
+def _covariance(mean: torch.Tensor, srm: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """(B, C, C) covariance from the moments, with ``eps`` (B,) on the diagonal for stability."""
+    eye = torch.eye(srm.shape[-1], dtype=srm.dtype, device=srm.device)
+    return srm - mean.unsqueeze(2) * mean.unsqueeze(1) + eps.view(-1, 1, 1) * eye
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    """Square root of symmetric positive semi-definite (B, C, C) matrices (eigenvalues clamped at 0),
+    in float64 (see WassersteinStyleLoss.forward)."""
+    values, vectors = torch.linalg.eigh(matrix.double())
+    return vectors @ (values.clamp_min(0).sqrt().unsqueeze(-1) * vectors.transpose(-2, -1))
+
+
+class WassersteinStyleLoss(_FixedTargetLoss):
+    """Squared 2-Wasserstein distance between Gaussians fitted to the image's and the style's
+    features (Kolkin et al. 2019; crowsonkb/style-transfer-pytorch's default): means and
+    covariances, instead of Gram matrices, per layer:
+
+        W2^2 = mean_c (mu - mu_s)^2 + (tr S + tr S_s - 2 tr (S_s^1/2 S S_s^1/2)^1/2) / C
+
+    Relative: divided by the style's mean second moment (mean_c E[f_c^2]).
+    """
+
+    # Added to each covariance's diagonal, relative to its mean variance: eigh's gradient needs
+    # distinct, positive eigenvalues, and Gram-like matrices of ReLU features are often singular.
+    EPS = 1e-4
+
+    def __init__(self, mean: torch.Tensor, srm: torch.Tensor, *, relative: bool = False) -> None:
+        super().__init__()
+        mean, srm = mean.detach().float(), srm.detach().float()
+        variance = (srm.diagonal(dim1=1, dim2=2) - mean.pow(2)).mean(1).clamp_min(1e-12)  # (B,)
+        eps = self.EPS * variance
+        cov = _covariance(mean, srm, eps)
+        self.register_buffer("mean", mean)  # (B, C)
+        self.register_buffer("cov", cov)  # (B, C, C)
+        self.register_buffer("cov_sqrt", _psd_sqrt(cov))  # float64
+        self.register_buffer("eps", eps)
+        scale = 1.0 / srm.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12) if relative else None
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_moments(
+        cls, targets: Sequence[tuple[torch.Tensor, torch.Tensor]], blend: Sequence[float], *, relative: bool = False
+    ) -> "WassersteinStyleLoss":
+        """Target moments = sum_i blend_i * (mean_i, srm_i): several styles mixed."""
+        mean = sum(w * m for w, (m, _) in zip(blend, targets))
+        srm = sum(w * r for w, (_, r) in zip(blend, targets))
+        return cls(torch.as_tensor(mean), torch.as_tensor(srm), relative=relative)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        mean, srm = moments(features)
+        cov = _covariance(mean, srm, self.eps)
+        mean_term = (mean - self.mean).pow(2).mean(1)
+        # tr (S_s^1/2 S S_s^1/2)^1/2 is the sum of the square roots of that matrix's eigenvalues.
+        # In float64: covariances of ReLU features have many tiny eigenvalues, whose square roots'
+        # gradients float32 rounding would scramble (a batch then drifts from its solo runs).
+        inner = self.cov_sqrt @ cov.double() @ self.cov_sqrt
+        inner = (inner + inner.transpose(-2, -1)) / 2  # symmetric to rounding, for eigvalsh
+        root_trace = torch.linalg.eigvalsh(inner).clamp_min(0).sqrt().sum(-1).float()
+        cov_term = (self.cov.diagonal(dim1=1, dim2=2).sum(1) + cov.diagonal(dim1=1, dim2=2).sum(1)
+                    - 2 * root_trace) / cov.shape[-1]
+        return self._normalised(mean_term + cov_term)
 
 
 def tv_loss(image: torch.Tensor) -> torch.Tensor:
@@ -96,7 +202,7 @@ class StyleTransferLoss(nn.Module):
     def __init__(
         self,
         content: Mapping[str, tuple[ContentLoss, float]],
-        style: Mapping[str, tuple[StyleLoss, float]],
+        style: Mapping[str, tuple[StyleLoss | WassersteinStyleLoss, float]],
         *,
         content_weight: float,
         style_weight: float,

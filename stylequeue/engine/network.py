@@ -9,6 +9,10 @@ scheduler) stays light.
 The layout is torchvision's ``vgg*().features``: per block, ``conv``/``relu`` pairs and then a
 2x2 stride-2 ``pool``; module ``i`` owns the state-dict keys ``"{i}.weight"`` and ``"{i}.bias"``.
 Simonyan & Zisserman (2014), configurations D (VGG16) and E (VGG19).
+
+A :class:`Convention` says what input a set of weights was trained on: torchvision's (RGB in
+[0, 1], ImageNet mean and std) or Caffe's (BGR, 0 to 255, mean subtracted), which the VGG files
+converted from the original release use (jcjohnson/neural-style, Keras's ImageNet VGGs).
 """
 
 from __future__ import annotations
@@ -126,10 +130,39 @@ class Network:
         ]
 
 
+@dataclass(frozen=True)
+class Convention:
+    """What the first conv expects: ``(pixels[order] * scale - mean) / std`` per channel, from RGB
+    pixels in [0, 1]. ``mean`` and ``std`` are in the network's own channel order."""
+
+    name: str
+    order: tuple[int, int, int]  # the RGB channels the network's channels 0, 1, 2 read
+    scale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+CONVENTIONS: Mapping[str, Convention] = {
+    # torchvision's ImageNet training statistics (RGB).
+    "torchvision": Convention("torchvision", (0, 1, 2), 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # The Caffe VGG release: BGR, 0..255, the ImageNet mean (B, G, R) subtracted, no division.
+    "caffe": Convention("caffe", (2, 1, 0), 255.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0)),
+}
+
+
+def convention(name: str) -> Convention:
+    """The convention called ``name``; ConfigError listing the known ones otherwise."""
+    try:
+        return CONVENTIONS[name]
+    except KeyError:
+        raise ConfigError(f"unknown input convention {name!r}; choose one of: {', '.join(CONVENTIONS)}") from None
+
+
 NETWORKS: Mapping[str, Network] = {
     "vgg16": Network("vgg16", (2, 2, 3, 3, 3)),
     "vgg19": Network("vgg19", (2, 2, 4, 4, 4)),
 }
+VGG16 = NETWORKS["vgg16"]
 VGG19 = NETWORKS["vgg19"]
 
 
@@ -149,3 +182,11 @@ def features_only(state_dict: Mapping[str, object]) -> dict[str, object]:
         return {k.removeprefix("features."): v for k, v in keys.items() if k.startswith("features.")}
     return keys
 
+
+
+def recognise(shapes: Mapping[str, tuple[int, ...]]) -> Network | None:
+    """The network whose features parameter shapes are exactly ``shapes``, or None."""
+    for net in NETWORKS.values():
+        if net.parameter_shapes() == dict(shapes):
+            return net
+    return None

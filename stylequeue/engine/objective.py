@@ -18,11 +18,22 @@ from stylequeue.engine import color
 from stylequeue.engine.config import StyleConfig, layer_weights
 from stylequeue.engine.device import ExecutionPlan, apply_backend_settings, autocast, plan_execution, resolve_device
 from stylequeue.engine.images import resize_longest
-from stylequeue.engine.losses import ContentLoss, StyleLoss, StyleTransferLoss, gram_matrix
+from stylequeue.engine.losses import (
+    ContentLoss,
+    StyleLoss,
+    StyleTransferLoss,
+    WassersteinStyleLoss,
+    gram_matrix,
+    moments,
+)
 from stylequeue.engine.targets import TargetCache, Targets, image_digest, style_side, style_target_key
 from stylequeue.engine.tensors import memory_format, to_tensor
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.exceptions import ConfigError
+
+
+# Where a Wasserstein style target keeps a layer's mean, beside its second moment.
+MEAN_SUFFIX = ".mean"
 
 
 @dataclass
@@ -78,6 +89,12 @@ def set_up(
             f"the model was built with {model.pooling} pooling but the config asks for {config.pooling}; "
             "build VGGFeatures with pooling=config.pooling"
         )
+    if model.network.name != config.network:
+        raise ConfigError(
+            f"the settings are for {config.network} but the weights are {model.network.name}'s; set "
+            f"network to {model.network.name} (its layers are: {', '.join(model.network.names)}) "
+            "or give other weights"
+        )
     device = next(model.parameters()).device if config.device == "auto" else resolve_device(config.device)
     plan = plan_execution(device, config.precision, config.compile)
     apply_backend_settings(plan)
@@ -110,12 +127,13 @@ def prepare_scale(problem: Problem, index: int) -> Scale:
     with torch.no_grad(), autocast(plan):
         content_feats = model(memory_format(content, plan), cfg.content_layers)
     grams = [_style_targets(problem, i, problem.sizes[index], content_luma) for i in range(len(problem.styles))]
+    relative = cfg.loss_norm == "relative"
     content_terms = {
-        name: (ContentLoss(content_feats[name].float()), w)
+        name: (ContentLoss(content_feats[name].float(), relative=relative), w)
         for name, w in layer_weights(cfg.content_layers, cfg.content_layer_weights).items()
     }
     style_terms = {
-        name: (StyleLoss.from_grams([g[name] for g in grams], problem.blend, cfg.gram_norm), w)
+        name: (_style_loss(cfg, grams, name, problem.blend), w)
         for name, w in layer_weights(cfg.style_layers, cfg.style_layer_weights).items()
     }
     objective = StyleTransferLoss(
@@ -128,8 +146,19 @@ def prepare_scale(problem: Problem, index: int) -> Scale:
     return Scale(index=index, objective=objective, content=content, content_color=content_color)
 
 
+def _style_loss(cfg: StyleConfig, targets: list[Targets], layer: str, blend: list[float]) -> StyleLoss | WassersteinStyleLoss:
+    """The style term of ``layer`` against the blend of every style's targets."""
+    relative = cfg.loss_norm == "relative"
+    if cfg.style_loss == "wasserstein":
+        pairs = [(t[f"{layer}{MEAN_SUFFIX}"], t[layer]) for t in targets]
+        return WassersteinStyleLoss.from_moments(pairs, blend, relative=relative)
+    return StyleLoss.from_grams([t[layer] for t in targets], blend, cfg.gram_norm, relative=relative)
+
+
 def _style_targets(problem: Problem, style: int, size: int, content_luma: torch.Tensor | None) -> Targets:
-    """{layer: (1, C, C) Gram} of style ``style`` at output size ``size``, via the job's cache if any."""
+    """Style ``style``'s targets at output size ``size``, via the job's cache if any: per layer its
+    (1, C, C) Gram matrix, or for the Wasserstein loss its second moment (1, C, C) under the
+    layer's name and its mean (1, C) under ``layer + MEAN_SUFFIX``."""
     cfg, plan = problem.config, problem.plan
     key = None
     if problem.target_cache is not None and problem.style_digests is not None:
@@ -140,7 +169,7 @@ def _style_targets(problem: Problem, style: int, size: int, content_luma: torch.
                                precision=plan.precision, device_type=plan.device.type, luminance_stats=stats)
         cached = problem.target_cache.get(key) if key is not None else None
         if cached is not None:
-            return {name: cached[name].to(plan.device) for name in cfg.style_layers}
+            return {name: value.to(plan.device) for name, value in cached.items()}
     # The style keeps its own aspect ratio; only its longest side follows the output's.
     pixels = to_tensor(resize_longest(problem.styles[style], style_side(cfg, size)), plan.device)
     if content_luma is not None:
@@ -148,11 +177,16 @@ def _style_targets(problem: Problem, style: int, size: int, content_luma: torch.
     with torch.no_grad():
         with autocast(plan):
             features = problem.model(memory_format(pixels, plan), cfg.style_layers)
-        # Outside autocast: Gram matrices are float32 (gram_matrix casts before its matmul).
-        grams = {name: gram_matrix(features[name], cfg.gram_norm) for name in cfg.style_layers}
+        # Outside autocast: targets are float32 (gram_matrix and moments cast before their matmul).
+        targets: Targets = {}
+        for name in cfg.style_layers:
+            if cfg.style_loss == "wasserstein":
+                targets[f"{name}{MEAN_SUFFIX}"], targets[name] = moments(features[name])
+            else:
+                targets[name] = gram_matrix(features[name], cfg.gram_norm)
     if key is not None and problem.target_cache is not None:
-        problem.target_cache.put(key, grams)
-    return grams
+        problem.target_cache.put(key, targets)
+    return targets
 
 
 def stack_objectives(objectives: Sequence[StyleTransferLoss]) -> StyleTransferLoss:
@@ -162,13 +196,12 @@ def stack_objectives(objectives: Sequence[StyleTransferLoss]) -> StyleTransferLo
     """
     first = objectives[0]
     content = {
-        name: (ContentLoss(torch.cat([o.content_losses[name].target for o in objectives])), w)
+        name: (ContentLoss.stacked([o.content_losses[name] for o in objectives]), w)
         for name, w in first.content_layer_weights.items()
     }  # targets (B, C, h, w)
     style = {
-        name: (StyleLoss(torch.cat([o.style_losses[name].target for o in objectives]),
-                         first.style_losses[name].norm), w)
+        name: (type(first.style_losses[name]).stacked([o.style_losses[name] for o in objectives]), w)
         for name, w in first.style_layer_weights.items()
-    }  # targets (B, C, C)
+    }  # targets (B, C, C), or means (B, C) and covariances
     return StyleTransferLoss(content, style, content_weight=first.content_weight,
                              style_weight=first.style_weight, tv_weight=first.tv_weight)

@@ -1,7 +1,8 @@
 """Style targets shared across jobs: a style image's Gram matrices, computed once and cached.
 
-A style target (one Gram matrix per style layer, Gatys et al. 2015 eq. 3) depends only on the
-style image, the side it is resized to, the layer set, the pooling, the Gram normalisation, the
+A style target (one Gram matrix per style layer, Gatys et al. 2015 eq. 3, or a mean and second
+moment for the Wasserstein loss) depends only on the style image, the side it is resized to, the
+layer set, the pooling, the kind of statistic and the Gram normalisation, the
 weights and the forward pass's precision; for luminance-only transfer (Gatys et al. 2016) also on
 the content luminance's mean and std, which the style's luminance is matched to. All of these go
 into :func:`style_target_key`, so two jobs that share a key get bitwise the same targets.
@@ -25,11 +26,13 @@ from PIL import Image
 from stylequeue.engine.config import StyleConfig
 
 # Bump when the way targets are computed changes, so stale cached targets are never used.
-TARGET_FORMAT = 1
+TARGET_FORMAT = 2  # 2: the key names the kind of statistic (style_loss)
 # Smallest side a style image is scaled to, so pool4/pool5 still see a few pixels.
 MIN_STYLE_SIDE = 16
 
-Targets = dict[str, torch.Tensor]  # {layer name: (1, C, C) float32 Gram matrix}
+# {layer name: (1, C, C) float32 Gram matrix}, or for the Wasserstein loss second moments and
+# means (objective.MEAN_SUFFIX).
+Targets = dict[str, torch.Tensor]
 
 
 class TargetCache(Protocol):
@@ -99,6 +102,7 @@ def style_target_key(
         "layers": list(config.style_layers),
         "pooling": config.pooling,
         "gram_norm": config.gram_norm,
+        "style_loss": config.style_loss,
         "original_colors": config.original_colors,
         # float.hex is exact: the same float32 statistics give the same key, any others another.
         "luminance": [float(v).hex() for v in luminance_stats] if config.original_colors else None,

@@ -12,12 +12,17 @@ from typing import Any, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
-from stylequeue.engine.network import POOLINGS, VGG19, Layer, Network, features_only
+from stylequeue.engine.network import (
+    CONVENTIONS,
+    POOLINGS,
+    VGG19,
+    Convention,
+    Layer,
+    Network,
+    features_only,
+    recognise,
+)
 from stylequeue.exceptions import ConfigError, WeightsError
-
-# ImageNet statistics torchvision's VGG19 was trained with (RGB, inputs in [0, 1]).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class _HasWeights(Protocol):
@@ -38,9 +43,11 @@ def _module(layer: Layer, pooling: str) -> nn.Module:
 
 
 class VGGFeatures(nn.Module):
-    """Frozen VGG features. Input: RGB in [0, 1], (B, 3, H, W); ImageNet normalisation inside.
+    """Frozen VGG features. Input: RGB in [0, 1], (B, 3, H, W); the weights' input convention
+    (torchvision's normalisation, or Caffe's BGR 0-255 less the mean) is applied inside.
 
-    ``state_dict``: a features-only or full torchvision state dict (see network.features_only).
+    ``state_dict``: a features-only or full torchvision state dict (see network.features_only);
+    ``network`` defaults to the one whose shapes the weights have.
     """
 
     def __init__(
@@ -49,12 +56,16 @@ class VGGFeatures(nn.Module):
         *,
         pooling: str = "max",
         info: Any = None,
-        network: Network = VGG19,
+        network: Network | None = None,
+        convention: Convention = CONVENTIONS["torchvision"],
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if network is None:
+            network = recognise({k: tuple(v.shape) for k, v in features_only(state_dict).items()}) or VGG19
         self.network = network
+        self.convention = convention
         self.layers = nn.ModuleList(_module(layer, pooling) for layer in network.layers)
         try:
             self.layers.load_state_dict(features_only(state_dict))
@@ -65,8 +76,11 @@ class VGGFeatures(nn.Module):
             ) from exc
         self.pooling = pooling
         self.info = info
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        # Per channel, in the network's channel order (see network.Convention).
+        self.register_buffer("mean", torch.tensor(convention.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(convention.std).view(1, 3, 1, 1))
+        self._order = list(convention.order)
+        self._reorder = self._order != [0, 1, 2]
         self.requires_grad_(False)
         self.eval()
 
@@ -74,8 +88,10 @@ class VGGFeatures(nn.Module):
     def from_weights(
         cls, loaded: _HasWeights, *, pooling: str = "max", device: torch.device | str | None = None
     ) -> "VGGFeatures":
-        """Build from ``weights.load_weights(...)``'s result (anything with .state_dict and .info)."""
-        model = cls(loaded.state_dict, pooling=pooling, info=loaded.info)
+        """Build from ``weights.load_weights(...)``'s result (anything with .state_dict and .info;
+        the convention is the info's, torchvision's when it names none)."""
+        name = getattr(loaded.info, "convention", None) or "torchvision"
+        model = cls(loaded.state_dict, pooling=pooling, info=loaded.info, convention=CONVENTIONS[name])
         return model.to(device) if device is not None else model
 
     def train(self, mode: bool = True) -> "VGGFeatures":
@@ -83,12 +99,19 @@ class VGGFeatures(nn.Module):
         return super().train(False)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] RGB -> ImageNet-normalised input."""
+        """[0, 1] RGB -> the network's input (its channel order, scale, mean and std)."""
+        if self._reorder:
+            x = x[:, self._order]  # RGB -> BGR for Caffe weights (the order is its own inverse)
+        if self.convention.scale != 1.0:
+            x = x * self.convention.scale
         return (x - self.mean) / self.std
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """ImageNet-normalised input -> [0, 1] RGB (unclamped)."""
-        return x * self.std + self.mean
+        """The network's input -> [0, 1] RGB (unclamped)."""
+        x = x * self.std + self.mean
+        if self.convention.scale != 1.0:
+            x = x / self.convention.scale
+        return x[:, self._order] if self._reorder else x
 
     def forward(
         self, x: torch.Tensor, layers: Sequence[str], *, normalized: bool = False

@@ -1,4 +1,4 @@
-"""Where VGG19's weights come from, checked before any job uses them.
+"""Where VGG weights come from, checked before any job uses them.
 
 Sources (the ``--weights`` option, ``STYLEQUEUE_WEIGHTS``):
 
@@ -9,16 +9,21 @@ Sources (the ``--weights`` option, ``STYLEQUEUE_WEIGHTS``):
   one (``N.*`` or ``features.N.*``), as written by :func:`export_features`;
 * ``scheme://...`` (``s3://`` in practice): fetched by a function the storage layer registers with
   :func:`register_fetcher`, so this module never imports boto3; cached on disk under ``cache_dir``;
-* ``random`` / ``random:SEED``: seeded random weights for tests and benchmarks only. Every load logs
-  a warning and :attr:`WeightsInfo.random` is set, so outputs made with them say so.
+* ``random`` / ``random:SEED`` / ``random:SEED:vgg16``: seeded random weights for tests and
+  benchmarks only. Every load logs a warning and :attr:`WeightsInfo.random` is set, so outputs
+  made with them say so.
 
-Whatever the source, :class:`LoadedWeights` holds only the ``features`` part (``"0.weight"`` ...
-``"34.bias"``, the format of ``torchvision.models.vgg19().features.state_dict()``): the classifier
-is never needed for style transfer and is ~470 MB of the 548 MB file.
+Whatever the source, :class:`LoadedWeights` holds only the ``features`` part (``"0.weight"`` ...,
+the format of ``torchvision.models.vgg19().features.state_dict()``): the classifier is never
+needed for style transfer and is ~470 MB of the 548 MB file. Which network a file holds (VGG19 or
+VGG16) is read from its shapes; which input convention (torchvision's or Caffe's) from the
+file when stylequeue wrote it (``export_features``, ``stylequeue weights import``), else from the
+caller, torchvision's by default. Asking for another convention than the file records is an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -32,7 +37,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from stylequeue.engine.network import VGG19, features_only
+from stylequeue.engine.network import NETWORKS, VGG19, Network, convention as find_convention, features_only, recognise
 from stylequeue.fileio import atomic_file, atomic_path
 from stylequeue.exceptions import (
     ConfigError,
@@ -47,14 +52,18 @@ log = logging.getLogger(__name__)
 IMAGENET_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 # How long to wait for download.pytorch.org before saying "no network" (seconds).
 DOWNLOAD_TIMEOUT_S = 10.0
-# Extra key that export_features() writes into a file made from random weights.
-RANDOM_MARKER = "stylequeue.random_seed"
+# Extra keys a stylequeue features file carries beside its tensors. weights_only loading allows
+# tensors only, so names are stored as uint8 tensors of their UTF-8 bytes.
+RANDOM_MARKER = "stylequeue.random_seed"  # a file made from random:SEED
+NETWORK_MARKER = "stylequeue.network"
+CONVENTION_MARKER = "stylequeue.convention"
+MAX_RANDOM_SEED = 2**63 - 1  # torch.Generator.manual_seed's range, kept signed
 
 Fetcher = Callable[[str, Path], None]
 _FETCHERS: dict[str, Fetcher] = {}
 _URI_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _ACCEPTED = (
-    "'imagenet', a local file path, an s3://bucket/key URI, or 'random[:SEED]' (tests only)"
+    "'imagenet', a local file path, an s3://bucket/key URI, or 'random[:SEED[:vgg16]]' (tests only)"
 )
 
 
@@ -69,6 +78,8 @@ class WeightsInfo:
     sha256: str | None  # of the weights file; None for random weights
     random: bool = False
     seed: int | None = None
+    network: str = "vgg19"
+    convention: str = "torchvision"  # the input the weights expect (network.CONVENTIONS)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +87,7 @@ class WeightsInfo:
 
 @dataclass(frozen=True)
 class LoadedWeights:
-    """VGG19 ``features`` state dict (CPU, float32) and where it came from.
+    """A VGG ``features`` state dict (CPU, float32) and where it came from.
 
     The tensors are shared by every caller of :func:`load_weights` in this process: copy them
     (``module.load_state_dict`` does) rather than modify them.
@@ -84,6 +95,7 @@ class LoadedWeights:
 
     state_dict: dict[str, torch.Tensor]
     info: WeightsInfo
+    recorded_convention: bool = False  # the file said which convention (info.convention) it holds
 
 
 def register_fetcher(scheme: str, fn: Fetcher) -> None:
@@ -94,26 +106,48 @@ def register_fetcher(scheme: str, fn: Fetcher) -> None:
 # --- the public entry point ---------------------------------------------------------------
 
 def load_weights(
-    source: str | os.PathLike[str], *, sha256: str | None = None, cache_dir: str | None = None
+    source: str | os.PathLike[str],
+    *,
+    sha256: str | None = None,
+    cache_dir: str | None = None,
+    convention: str | None = None,
 ) -> LoadedWeights:
-    """Load VGG19 feature weights from ``source`` (see the module docstring for the forms).
+    """Load VGG feature weights from ``source`` (see the module docstring for the forms).
 
     ``sha256``, when given, must match the weights file (:class:`WeightsChecksumError` if not).
     ``cache_dir`` keeps fetched ``scheme://`` files between processes; without it they are fetched
-    to a temporary directory. Every call reads the file: a process that keeps its weights keeps
+    to a temporary directory. ``convention`` (torchvision or caffe) is the input the weights expect:
+    None takes the file's own record, else torchvision's; one that contradicts the file's record is
+    a :class:`WeightsError`. Every call reads the file: a process that keeps its weights keeps
     them in :mod:`stylequeue.worker.resources`.
     """
     source = str(source).strip()
     sha256 = sha256.strip().lower() if sha256 else None
-    loaded = _load(source, sha256, cache_dir)
+    if convention is not None:
+        find_convention(convention)  # a ConfigError for an unknown name, before any I/O
+    loaded = _with_convention(_load(source, sha256, cache_dir), convention)
     if loaded.info.random:
         log.warning(
-            "USING RANDOM VGG19 WEIGHTS (%s): the output is NOT a real style transfer. "
+            "USING RANDOM %s WEIGHTS (%s): the output is NOT a real style transfer. "
             "Random weights are for tests and benchmarks only; use --weights imagenet, a file or "
             "an s3:// URI for real results.",
-            source,
+            loaded.info.network.upper(), source,
         )
     return loaded
+
+
+def _with_convention(loaded: LoadedWeights, asked: str | None) -> LoadedWeights:
+    """The weights with the convention asked for; refused when the file recorded another."""
+    recorded = loaded.info.convention
+    if asked is None or asked == recorded:
+        return loaded
+    if loaded.recorded_convention:
+        raise WeightsError(
+            f"weights {loaded.info.source} expect {recorded}-convention input (recorded in the file), "
+            f"but {asked} was asked for; drop the convention setting "
+            "(STYLEQUEUE_WEIGHTS_CONVENTION / --weights-convention) or give other weights"
+        )
+    return dataclasses.replace(loaded, info=dataclasses.replace(loaded.info, convention=asked))
 
 
 def _load(source: str, sha256: str | None, cache_dir: str | None) -> LoadedWeights:
@@ -136,24 +170,32 @@ def _load(source: str, sha256: str | None, cache_dir: str | None) -> LoadedWeigh
 # --- sources ------------------------------------------------------------------------------
 
 
+def parse_random(source: str) -> tuple[int, Network]:
+    """``random[:SEED[:NETWORK]]`` -> (seed, network); ConfigError saying the form otherwise."""
+    _, _, rest = source.partition(":")
+    seed_text, _, net_name = rest.partition(":")
+    form = "random, random:SEED or random:SEED:NETWORK (random:42:vgg16)"
+    if not (seed_text or "0").isdigit() or (net_name and net_name not in NETWORKS):
+        raise ConfigError(f"random weights are named {form}, SEED an integer seed, got {source!r}")
+    seed = int(seed_text or "0")
+    if seed > MAX_RANDOM_SEED:
+        raise ConfigError(f"a random-weights seed must be at most {MAX_RANDOM_SEED} (2^63 - 1), got {seed}")
+    return seed, NETWORKS[net_name or "vgg19"]
+
+
 def _random_weights(source: str) -> LoadedWeights:
     """torchvision's VGG init (Kaiming normal, fan-out, zero bias), from a private generator."""
-    seed_text = source.partition(":")[2] or "0"
-    try:
-        seed = int(seed_text)
-    except ValueError:
-        raise ConfigError(
-            f"random weights take an integer seed (random:42), got {source!r}"
-        ) from None
+    seed, net = parse_random(source)
     gen = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
-    for name, shape in FEATURE_SHAPES.items():
+    for name, shape in net.parameter_shapes().items():
         if name.endswith(".bias"):
             state[name] = torch.zeros(shape)
         else:
             std = math.sqrt(2.0 / (shape[0] * shape[2] * shape[3]))  # gain sqrt(2) / sqrt(fan_out)
             state[name] = torch.empty(shape).normal_(0.0, std, generator=gen)
-    info = WeightsInfo(source=f"random:{seed}", sha256=None, random=True, seed=seed)
+    name = f"random:{seed}" if net is VGG19 else f"random:{seed}:{net.name}"
+    info = WeightsInfo(source=name, sha256=None, random=True, seed=seed, network=net.name)
     return LoadedWeights(state, info)
 
 
@@ -266,14 +308,17 @@ def _load_file(path: Path, source: str, sha256: str | None) -> LoadedWeights:
     seed = contents.random_seed
     if seed is not None:
         log.warning("weights file %s holds RANDOM weights (exported from random:%d)", where, seed)
-    info = WeightsInfo(source=source, sha256=actual, random=seed is not None, seed=seed)
-    return LoadedWeights(contents.features, info)
+    info = WeightsInfo(source=source, sha256=actual, random=seed is not None, seed=seed,
+                       network=contents.network, convention=contents.convention or "torchvision")
+    return LoadedWeights(contents.features, info, recorded_convention=contents.convention is not None)
 
 
 class WeightsFileContents(NamedTuple):
-    features: dict[str, torch.Tensor]  # "0.weight" ... "34.bias", float32
+    features: dict[str, torch.Tensor]  # "0.weight" ... , float32
     layout: str  # "full" or "features-only"
     random_seed: int | None  # set when the file was exported from random:SEED
+    network: str  # "vgg19" or "vgg16", from the shapes
+    convention: str | None  # as recorded by stylequeue; None when the file does not say
 
 
 def read_features(path: str | Path, where: str | None = None) -> WeightsFileContents:
@@ -296,27 +341,49 @@ def read_features(path: str | Path, where: str | None = None) -> WeightsFileCont
 def _check_features(raw: dict[str, torch.Tensor], where: str) -> WeightsFileContents:
     marker = raw.pop(RANDOM_MARKER, None)
     random_seed = int(marker.item()) if marker is not None else None
+    network_name = _text(raw.pop(NETWORK_MARKER, None))
+    convention = _text(raw.pop(CONVENTION_MARKER, None))
     full = any(k.removeprefix("module.").startswith("classifier.") for k in raw)
     layout = "full" if full else "features-only"
     features = features_only(raw)
-    missing = [k for k in FEATURE_SHAPES if k not in features]
-    unexpected = [k for k in features if k not in FEATURE_SHAPES]
+    net = recognise({k: tuple(v.shape) for k, v in features.items()})
+    if net is None:
+        raise WeightsError(f"weights file {where} is not a VGG16 or VGG19 state dict: {_mismatch(features)}")
+    if network_name is not None and network_name != net.name:
+        raise WeightsError(f"weights file {where} says it holds {network_name} but its shapes are {net.name}'s")
+    if convention is not None:
+        find_convention(convention)
+    clean = {k: features[k].detach().to(torch.float32).contiguous() for k in net.parameter_shapes()}
+    return WeightsFileContents(clean, layout, random_seed, net.name, convention)
+
+
+def _mismatch(features: dict[str, torch.Tensor]) -> str:
+    """What keeps ``features`` from being the closest known network, in words."""
+    closest = max(NETWORKS.values(), key=lambda n: len(set(n.parameter_shapes()) & set(features)))
+    expected = closest.parameter_shapes()
+    missing = [k for k in expected if k not in features]
+    unexpected = [k for k in features if k not in expected]
     wrong = [
         f"{k} is {tuple(features[k].shape)}, expected {shape}"
-        for k, shape in FEATURE_SHAPES.items()
+        for k, shape in expected.items()
         if k in features and tuple(features[k].shape) != shape
     ]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensors ({_first(missing)})")
     if unexpected:
-        problems.append(f"unexpected tensors {_first(sorted(unexpected))} (VGG19-BN? other model?)")
+        problems.append(f"unexpected tensors {_first(sorted(unexpected))} (VGG-BN? other model?)")
     if wrong:
         problems.append("wrong shapes: " + "; ".join(wrong[:4]))
-    if problems:
-        raise WeightsError(f"weights file {where} is not a VGG19 state dict: {'; '.join(problems)}")
-    clean = {k: features[k].detach().to(torch.float32).contiguous() for k in FEATURE_SHAPES}
-    return WeightsFileContents(clean, layout, random_seed)
+    return f"as a {closest.name.upper()}: " + "; ".join(problems)
+
+
+def _text(tensor: torch.Tensor | None) -> str | None:
+    return None if tensor is None else bytes(tensor.to(torch.uint8).tolist()).decode()
+
+
+def _as_tensor(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode()), dtype=torch.uint8)
 
 
 def _first(names: list[str], n: int = 6) -> str:
@@ -329,17 +396,37 @@ def export_features(
     *,
     sha256: str | None = None,
     cache_dir: str | None = None,
+    convention: str | None = None,
 ) -> tuple[Path, str]:
     """Write ``source``'s feature weights to ``dest`` (~80 MB for VGG19) -> (path, its sha256).
 
     Written atomically, with ``dest + ".sha256"`` beside it in ``sha256sum`` format, so a fleet can
-    pull the file and pass the checksum to ``--weights-sha256``.
+    pull the file and pass the checksum to ``--weights-sha256``. The file records its network and
+    input convention (``convention``: as :func:`load_weights` takes it).
     """
-    loaded = load_weights(source, sha256=sha256, cache_dir=cache_dir)
-    contents: dict[str, torch.Tensor] = dict(loaded.state_dict)
-    if loaded.info.random:
+    loaded = load_weights(source, sha256=sha256, cache_dir=cache_dir, convention=convention)
+    return write_features(loaded.state_dict, dest, network=loaded.info.network,
+                          convention=loaded.info.convention,
+                          random_seed=loaded.info.seed if loaded.info.random else None)
+
+
+def write_features(
+    state_dict: dict[str, torch.Tensor],
+    dest: str | Path,
+    *,
+    network: str,
+    convention: str,
+    random_seed: int | None = None,
+) -> tuple[Path, str]:
+    """Write a features state dict as a stylequeue weights file -> (path, its sha256)."""
+    find_convention(convention)
+    contents: dict[str, torch.Tensor] = dict(state_dict)
+    contents[NETWORK_MARKER] = _as_tensor(network)
+    contents[CONVENTION_MARKER] = _as_tensor(convention)
+    if random_seed is not None:
         # Random weights stay flagged through a file: outputs made from it must still say so.
-        contents[RANDOM_MARKER] = torch.tensor(loaded.info.seed or 0, dtype=torch.int64)
+        contents[RANDOM_MARKER] = torch.tensor(random_seed, dtype=torch.int64)
+    _check_features(dict(contents), str(dest))  # what is written reads back
     dest = Path(dest)
     with atomic_path(dest) as tmp:
         torch.save(contents, tmp)
@@ -369,5 +456,7 @@ def describe_file(path: str | Path) -> dict[str, Any]:
         "keys_ok": True,
         "random": contents.random_seed is not None,
         "random_seed": contents.random_seed,
+        "network": contents.network,
+        "convention": contents.convention,  # None: the file does not say (torchvision assumed)
     }
 

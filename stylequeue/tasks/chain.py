@@ -94,6 +94,9 @@ def stylize(self: JobTask, message: dict[str, Any], step: int = 0) -> dict[str, 
     # Progress cadence and device are the deployment's; they never change the result.
     config = spec.style_config().replace(
         progress_every=settings.progress_every, checkpoint_every=checkpoint_every, device=settings.device)
+    model = resources.model(config.pooling, spec.weights)
+    if "network" not in spec.params:
+        config = config.replace(network=model.network.name)  # the weights' network, unless the job says
     size = config.scale_sizes[step]
     content = objects.read_image(store, spec.content, settings)
     styles = [objects.read_image(store, uri, settings) for uri in spec.styles]
@@ -107,7 +110,7 @@ def stylize(self: JobTask, message: dict[str, Any], step: int = 0) -> dict[str, 
     )
     engine_started_at = time.time()
     result = run_step(
-        content, styles, config, step=step, model=resources.model(config.pooling, spec.weights),
+        content, styles, config, step=step, model=model,
         resources=resources, callback=reporter, should_stop=CancelPoller(JobControl(self.app), spec.job_id),
         resume=resume, on_checkpoint=lambda state: objects.write_state(store, paths.checkpoint, state),
         started=started,

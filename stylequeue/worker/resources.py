@@ -85,8 +85,11 @@ class Resources:
         enforced); an ``s3://`` source must lie under the allowed prefixes like any input."""
         settings = self.settings
         source = source or settings.weights
-        sha256 = settings.weights_sha256 if source == settings.weights else ""
-        key = (source, sha256, _file_stamp(source))
+        own = source == settings.weights
+        sha256 = settings.weights_sha256 if own else ""
+        # The deployment may say which input its weights expect; a job's weights file says itself.
+        convention = (settings.weights_convention or None) if own else None
+        key = (source, sha256, convention, _file_stamp(source))
 
         def load() -> LoadedWeights:
             if source.startswith("s3://"):
@@ -94,7 +97,8 @@ class Resources:
                 # The fetcher allows the deployment's own weights URI; a job's URI must lie under
                 # the allowed prefixes (JobSpec checks it too: belt and braces).
                 install_weights_fetchers(settings).check(source)
-            return load_weights(source, sha256=sha256 or None, cache_dir=settings.resolved_weights_cache_dir)
+            return load_weights(source, sha256=sha256 or None, cache_dir=settings.resolved_weights_cache_dir,
+                                convention=convention)
 
         with self._lock:
             return self._weights.get_or_make(key, load)

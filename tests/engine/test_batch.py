@@ -65,6 +65,19 @@ def test_batch_of_three_matches_solo_runs(model_avg: VGGFeatures, jobs) -> None:
     assert _max_diff(batch[0].state.image, batch[1].state.image) > 0.01
 
 
+@pytest.mark.parametrize("style_loss", ["gram", "wasserstein"])
+def test_relative_losses_batch_like_solo_runs(model_avg: VGGFeatures, jobs, style_loss: str) -> None:
+    """Relative terms keep one scale per item (its own target's), Wasserstein targets stack."""
+    cfg = preset("default", **{**FAST, "style_weight": 10.0, "iterations": 4}, loss_norm="relative",
+                 style_loss=style_loss)
+    solo = [stylize(c, [s], cfg, model=model_avg) for c, s in jobs[:2]]
+    batch = stylize_batch([BatchItem(c, [s]) for c, s in jobs[:2]], cfg, model=model_avg)
+    for alone, together in zip(solo, batch):
+        assert _max_diff(alone.state.image, together.state.image) < 10 * TOLERANCE
+        assert [h["loss"] for h in together.history] == pytest.approx([h["loss"] for h in alone.history], rel=1e-4)
+        assert alone.history[-1]["loss"] < alone.history[0]["loss"]  # it optimises
+
+
 def test_multi_scale_batch_matches_solo_runs(model_avg: VGGFeatures, jobs) -> None:
     """Every scale carries each item's own image and Adam moments up, as a single job does."""
     cfg = preset("default", **{**FAST, "iterations": 3}, scales=2, min_size=16)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from stylequeue.engine import ContentLoss, StyleLoss, StyleTransferLoss, TVLoss, gram_matrix, preset, stylize
+from stylequeue.engine.losses import WassersteinStyleLoss, moments
 from stylequeue.engine.vgg import VGGFeatures
 
 
@@ -95,3 +96,52 @@ def test_each_loss_decreases(
     key = "loss" if term == "total" else f"{term}_loss"
     first, last = history[0][key], history[-1][key]
     assert first > 0 and last < 0.9 * first, (first, last)
+
+
+def test_relative_losses_do_not_depend_on_the_features_scale() -> None:
+    """What makes one preset mean the same on Caffe weights (activations ~28x larger) and
+    torchvision's: each relative term is unchanged when all features are scaled."""
+    gen = torch.Generator().manual_seed(0)
+    target, x = torch.rand(1, 8, 6, 5, generator=gen), torch.rand(1, 8, 6, 5, generator=gen)
+    for k in (0.01, 28.0, 1000.0):
+        torch.testing.assert_close(ContentLoss(k * target, relative=True)(k * x),
+                                   ContentLoss(target, relative=True)(x), rtol=1e-5, atol=0)
+        torch.testing.assert_close(StyleLoss(gram_matrix(k * target), relative=True)(k * x),
+                                   StyleLoss(gram_matrix(target), relative=True)(x), rtol=1e-4, atol=0)
+        mean, srm = moments(k * target)
+        ref_mean, ref_srm = moments(target)
+        torch.testing.assert_close(WassersteinStyleLoss(mean, srm, relative=True)(k * x),
+                                   WassersteinStyleLoss(ref_mean, ref_srm, relative=True)(x), rtol=1e-3, atol=1e-7)
+    plain = ContentLoss(target)(x)
+    assert float(ContentLoss(28 * target)(28 * x)) == pytest.approx(28**2 * float(plain), rel=1e-5)
+
+
+def test_wasserstein_is_the_gaussian_w2_and_zero_at_the_target() -> None:
+    gen = torch.Generator().manual_seed(1)
+    style = torch.rand(1, 4, 9, 7, generator=gen) * 3
+    loss = WassersteinStyleLoss(*moments(style))
+    assert float(loss(style)) == pytest.approx(0.0, abs=1e-4)
+    assert float(loss(torch.rand(1, 4, 9, 7, generator=gen))) > 0.1
+    # Independent channels (diagonal covariances): W2^2 = mean_c [(mu - m)^2 + (s - t)^2].
+    a = torch.zeros(1, 2, 1, 4)
+    a[0, 0, 0] = torch.tensor([0.0, 2.0, 0.0, 2.0])  # mean 1, sd 1
+    a[0, 1, 0] = torch.tensor([1.0, 1.0, 1.0, 1.0])  # mean 1, sd 0
+    b = torch.zeros(1, 2, 1, 4)
+    b[0, 0, 0] = torch.tensor([1.0, 7.0, 1.0, 7.0])  # mean 4, sd 3
+    b[0, 1, 0] = torch.tensor([0.0, 4.0, 0.0, 4.0])  # mean 2, sd 2
+    expected = ((1 - 4) ** 2 + (1 - 3) ** 2 + (1 - 2) ** 2 + (0 - 2) ** 2) / 2
+    assert float(WassersteinStyleLoss(*moments(b))(a)) == pytest.approx(expected, rel=2e-3)
+    x = torch.rand(1, 4, 9, 7, generator=gen, requires_grad=True)
+    loss(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_stacked_losses_are_the_items_own() -> None:
+    gen = torch.Generator().manual_seed(2)
+    targets = [torch.rand(1, 4, 5, 5, generator=gen) for _ in range(3)]
+    xs = torch.rand(3, 4, 5, 5, generator=gen)
+    for make in (lambda t: ContentLoss(t, relative=True), lambda t: StyleLoss(gram_matrix(t), relative=True),
+                 lambda t: WassersteinStyleLoss(*moments(t), relative=True)):
+        alone = [make(t) for t in targets]
+        stacked = type(alone[0]).stacked(alone)(xs)
+        torch.testing.assert_close(stacked, torch.cat([l(xs[i : i + 1]) for i, l in enumerate(alone)]))

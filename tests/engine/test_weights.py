@@ -14,7 +14,9 @@ from torchvision.models.vgg import cfgs, make_layers
 
 from stylequeue.engine import weights as weights_mod
 from stylequeue.engine.weights import (
+    CONVENTION_MARKER,
     FEATURE_SHAPES,
+    NETWORK_MARKER,
     describe_file,
     export_features,
     file_sha256,
@@ -78,7 +80,8 @@ def test_random_is_seeded_flagged_and_warns_every_time(caplog: pytest.LogCapture
     assert _same(a.state_dict, b.state_dict)
     other = load_weights("random:6").state_dict["0.weight"]
     assert not torch.equal(other, a.state_dict["0.weight"])
-    assert a.info.to_dict() == {"source": "random:5", "sha256": None, "random": True, "seed": 5}
+    assert a.info.to_dict() == {"source": "random:5", "sha256": None, "random": True, "seed": 5,
+                                "network": "vgg19", "convention": "torchvision"}
     assert {k: tuple(v.shape) for k, v in a.state_dict.items()} == FEATURE_SHAPES
     assert float(a.state_dict["0.weight"].std()) > 0.05  # Kaiming scale, not zeros
     assert load_weights("random").info.seed == 0
@@ -291,7 +294,9 @@ def test_export_from_full_file(tmp_path: Path, full_file: Path, features: dict) 
     sidecar = tmp_path / "out" / "vgg19-features.pth.sha256"
     assert sidecar.read_text() == f"{digest}  {dest.name}\n"
     assert 79e6 < dest.stat().st_size < 81e6  # features only: ~80 MB, not 548 MB
-    assert set(torch.load(dest, weights_only=True)) == set(FEATURE_SHAPES)
+    written = torch.load(dest, weights_only=True)
+    assert set(written) == set(FEATURE_SHAPES) | {NETWORK_MARKER, CONVENTION_MARKER}
+    assert describe_file(dest)["network"] == "vgg19" and describe_file(dest)["convention"] == "torchvision"
     assert _same(load_weights(dest, sha256=digest).state_dict, features)
     info = describe_file(dest)
     assert info["sha256"] == digest and info["layout"] == "features-only"
@@ -319,3 +324,23 @@ def test_export_of_random_weights_stays_flagged(
     assert any("RANDOM" in r.message for r in caplog.records)
     assert _same(loaded.state_dict, load_weights("random:9").state_dict)
     assert describe_file(path)["random"] is True
+
+
+def test_random_networks_and_bounded_seeds() -> None:
+    vgg16 = load_weights("random:3:vgg16")
+    assert (vgg16.info.network, vgg16.info.source, len(vgg16.state_dict)) == ("vgg16", "random:3:vgg16", 26)
+    assert load_weights("random:3:vgg19").info.source == "random:3"  # vgg19 is the default name
+    with pytest.raises(ConfigError, match=r"at most 9223372036854775807"):
+        load_weights("random:" + "9" * 25)  # a 25-digit seed: a clear error, not torch's ValueError
+    for bad in ("random:3:resnet", "random:-1", "random::vgg16x"):
+        with pytest.raises(ConfigError, match="random weights are named"):
+            load_weights(bad)
+
+
+def test_a_vgg16_file_is_recognised_by_its_shapes(tmp_path: Path) -> None:
+    torch.save(load_weights("random:2:vgg16").state_dict, tmp_path / "plain16.pth")
+    loaded = load_weights(tmp_path / "plain16.pth")
+    assert (loaded.info.network, loaded.info.convention) == ("vgg16", "torchvision")
+    torch.save({"0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "stub.pth")
+    with pytest.raises(WeightsError, match="not a VGG16 or VGG19 state dict.*missing"):
+        load_weights(tmp_path / "stub.pth")

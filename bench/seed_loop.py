@@ -22,6 +22,9 @@ run instead:
   mean((F F^T - S S^T)^2) / (c*h*w) with an un-normalised Gram matrix.
 
 Pillow >= 10 has no ``Image.ANTIALIAS``; it was an alias of ``LANCZOS``, which we use.
+
+The seed's network is VGG19; ``network=VGG16`` runs the same loop on a VGG16 (its conv1_1 ..
+conv5_1 are modules 0, 5, 10, 17, 24), for the quality benchmark's real VGG16 features.
 """
 
 from __future__ import annotations
@@ -32,14 +35,15 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.models import vgg19
+from torchvision.models import vgg16, vgg19
 
-SEED_SELECT = ("0", "5", "10", "19", "28")  # conv1_1 .. conv5_1 (relu-overwritten, see above)
+from stylequeue.engine.network import VGG19, Network, features_only
+
+SEED_CONVS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")  # relu-overwritten, see above
 SEED_LR = 0.003
 SEED_BETAS = (0.5, 0.999)
 SEED_STYLE_WEIGHT = 100.0
 SEED_MAX_SIZE = 400
-SHORTCUT_MODULES = 30  # modules 0..29: up to relu5_1, the last that touches a selected output
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The tutorial's approximate inverse of Normalize, used when it saves an image.
@@ -47,21 +51,17 @@ SEED_DENORM_MEAN = (-2.12, -2.04, -1.80)
 SEED_DENORM_STD = (4.37, 4.46, 4.44)
 
 
-def _features_only(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Accept a features-only dict ("0.weight") or a full VGG19 one ("features.0.weight")."""
-    if any(key.startswith("features.") for key in state_dict):
-        return {k[len("features."):]: v for k, v in state_dict.items() if k.startswith("features.")}
-    return dict(state_dict)
-
-
 class SeedVGG(nn.Module):
     """The tutorial's ``VGGNet``: all 37 modules, five selected outputs, parameters NOT frozen."""
 
-    def __init__(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], network: Network = VGG19) -> None:
         super().__init__()
-        self.select = list(SEED_SELECT)
-        self.vgg = vgg19(weights=None).features  # ReLU(inplace=True), as torchvision builds it
-        self.vgg.load_state_dict(_features_only(state_dict))
+        self.select = [str(network.layer(name).index) for name in SEED_CONVS]
+        # ReLU(inplace=True), as torchvision builds it.
+        self.vgg = (vgg19 if network is VGG19 else vgg16)(weights=None).features
+        self.vgg.load_state_dict(features_only(state_dict))
+        # Modules up to relu5_1: the last that touches a selected output (SeedLoop's shortcut).
+        self.shortcut_modules = network.layer("relu5_1").index + 1
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Five (1, C, h, w) maps; every module runs, as in the tutorial."""
@@ -136,6 +136,7 @@ class SeedLoop:
         device: torch.device | str = "cpu",
         transposed_style: bool = True,
         shortcut: bool = False,
+        network: Network = VGG19,
     ) -> None:
         self.device = torch.device(device)
         self.shortcut = shortcut
@@ -147,11 +148,11 @@ class SeedLoop:
         )
         self.target = self.content.clone().requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.target], lr=SEED_LR, betas=SEED_BETAS)
-        self.vgg = SeedVGG(state_dict).to(self.device).eval()
+        self.vgg = SeedVGG(state_dict, network).to(self.device).eval()
         self.steps_done = 0
         if shortcut:
             self.vgg.requires_grad_(False)
-            self.vgg.vgg = self.vgg.vgg[: SHORTCUT_MODULES]
+            self.vgg.vgg = self.vgg.vgg[: self.vgg.shortcut_modules]
             with torch.no_grad():
                 self._content_features = [f.clone() for f in self.vgg(self.content)]
                 self._style_features = [f.clone() for f in self.vgg(self.style)]

@@ -60,6 +60,14 @@ class UnsupportedURIError(StorageError, ValueError):
     """The URI's scheme is not one stylequeue can read or write."""
 
 
+class NonFiniteLossError(StyleQueueError):
+    """The loss became NaN or infinite: weights or a learning rate too large for float32."""
+
+
+class OutputTakenError(StyleQueueError):
+    """A job's output prefix holds another job's result: it is refused, never taken or overwritten."""
+
+
 class JobTimeoutError(StyleQueueError):
     """The job ran past its time limit."""
 

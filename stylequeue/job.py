@@ -20,6 +20,7 @@ Output layout under the job's prefix (``output``, default ``<storage_root>/jobs/
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -40,13 +41,14 @@ from pydantic import (
 )
 
 from stylequeue.exceptions import ConfigError, JobSpecError, StorageError
-from stylequeue.storage.uri import check_allowed, parse_uri
+from stylequeue.storage.uri import check_allowed, parse_object_uri, parse_uri
 
 if TYPE_CHECKING:
     from stylequeue.engine.config import StyleConfig
     from stylequeue.settings import Settings
 
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# Matched whole (fullmatch): "$" would let a trailing newline into task ids, logs and keys.
+JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 MAX_STYLES = 8
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "json": "application/json"}
 # Engine settings a job may not set: the worker owns the device, the deployment the cadence.
@@ -63,10 +65,23 @@ def _check_uri(uri: str) -> str:
         parse_uri(uri)
     except StorageError as exc:
         raise ValueError(str(exc)) from None
+    return uri.rstrip("/") if "://" in uri.rstrip("/") else uri  # one spelling per prefix
+
+
+def _check_object_uri(uri: str) -> str:
+    """An input must name one object, not a bucket or folder (said in our words, not botocore's)."""
+    try:
+        parse_object_uri(uri)
+    except StorageError as exc:
+        raise ValueError(str(exc)) from None
     return uri
 
 
 StorageURI = Annotated[str, AfterValidator(_check_uri)]
+ObjectURI = Annotated[str, AfterValidator(_check_object_uri)]
+# The fields that decide a job's result: the same id with other values here is another job
+# (JobSpec.digest). Priority and cadence change when and how often, never what.
+RESULT_FIELDS = ("content", "styles", "output", "preset", "params", "weights", "output_format")
 
 
 class JobStatus(str, Enum):
@@ -95,8 +110,8 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     job_id: str | None = Field(None, description="[A-Za-z0-9_-], at most 128; a uuid4 hex if absent")
-    content: StorageURI = Field(description="content image URI (s3://bucket/key or file:///abs/path)")
-    styles: list[StorageURI] = Field(min_length=1, max_length=MAX_STYLES, description="style image URIs")
+    content: ObjectURI = Field(description="content image URI (s3://bucket/key or file:///abs/path)")
+    styles: list[ObjectURI] = Field(min_length=1, max_length=MAX_STYLES, description="style image URIs")
     output: StorageURI | None = Field(
         None, description="output URI prefix; default <storage_root>/jobs/<job_id>")
     preset: str = Field("default", description="engine preset: seed, gatys or default")
@@ -111,7 +126,7 @@ class JobSpec(BaseModel):
     @field_validator("job_id")
     @classmethod
     def _job_id(cls, value: str | None) -> str | None:
-        if value is not None and not JOB_ID_RE.match(value):
+        if value is not None and not JOB_ID_RE.fullmatch(value):
             raise ValueError(
                 f"{value[:40]!r} is not a valid job id: use 1 to 128 of A-Z a-z 0-9 _ - "
                 f"(it becomes part of storage keys and task ids)")
@@ -139,18 +154,24 @@ class JobSpec(BaseModel):
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: str | None) -> str | None:
-        if value is None or value == "imagenet" or re.fullmatch(r"random(:\d+)?", value):
+        from stylequeue.engine.sources import is_random, parse_random
+
+        if value is None or value == "imagenet":
+            return value
+        if is_random(value):
+            parse_random(value)  # a bounded seed and a known network, or a ConfigError (a ValueError)
             return value
         if "://" not in value:
             raise ValueError(
-                f"{value!r}: a job names weights as 'imagenet', 'random[:SEED]' or a storage URI "
-                f"(s3://bucket/key); worker-local paths are the deployment's to choose")
-        return _check_uri(value)
+                f"{value!r}: a job names weights as 'imagenet', 'random[:SEED[:vgg16]]' or a storage "
+                f"URI (s3://bucket/key); worker-local paths are the deployment's to choose")
+        return _check_object_uri(value)
 
     @model_validator(mode="after")
     def _defaults_and_allow_list(self, info: ValidationInfo) -> "JobSpec":
         if self.job_id is None:
             self.job_id = uuid.uuid4().hex
+        _check_engine_inputs(self)
         settings = (info.context or {}).get("settings")
         if settings is not None:
             _check_allowed(self, settings)
@@ -173,6 +194,11 @@ class JobSpec(BaseModel):
             return cls.model_validate(dict(data), context={"settings": settings})
         except ValidationError as exc:
             raise JobSpecError(format_errors(exc)) from None
+
+    def digest(self) -> str:
+        """sha256 of the fields that decide the result (RESULT_FIELDS), canonically encoded."""
+        fields = self.model_dump(mode="json", include=set(RESULT_FIELDS))
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def style_config(self) -> "StyleConfig":
         """The engine configuration: the preset with this job's params applied."""
@@ -203,6 +229,17 @@ def _style_config(preset_name: str, params: dict[str, Any]) -> "StyleConfig":
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value!r}")
     return preset(preset_name, **params)
+
+
+def _check_engine_inputs(spec: JobSpec) -> None:
+    """What the engine would refuse after a GPU was taken, refused at submit instead."""
+    config = spec.style_config()
+    if config.init == "image":
+        raise ValueError("params.init 'image' needs an initial image, which a job cannot give; use 'content' or 'noise'")
+    blend = config.style_blend_weights
+    if blend is not None and len(blend) != len(spec.styles):
+        raise ValueError(
+            f"params.style_blend_weights has {len(blend)} weights for {len(spec.styles)} styles; give one per style")
 
 
 def _check_allowed(spec: JobSpec, settings: "Settings") -> None:

@@ -105,8 +105,14 @@ class Settings:
     scan_manifests_every_s: int = 60
     # Lost-message recovery (docs/reliability.md): every recover_every_s, beat re-sends a job
     # message that has been on no queue for recover_after_s (0: the visibility timeout).
-    recover_every_s: int = 60
+    recover_every_s: int = 10
     recover_after_s: int = 0
+    # A running stylize step holds a lease on its job, renewed every third of this; a step whose
+    # lease lapsed (its worker died) is sent again by the sweep, to resume on another worker.
+    lease_ttl_s: int = 20
+    # On SIGTERM a worker drains: a step that cannot end within this many seconds checkpoints and
+    # hands its job back at once (a spot preemption gives two minutes; Kubernetes' default 30 s).
+    shutdown_grace_s: int = 25
     manifest_max_in_flight: int = 8
 
     # Flower.

@@ -250,7 +250,7 @@ def _callback(
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     from stylequeue.fileio import atomic_write_bytes
 
-    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str, allow_nan=False) + "\n").encode())
 
 
 def _report(args: argparse.Namespace, out: Path, result: Any, random_weights: bool) -> None:

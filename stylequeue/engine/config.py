@@ -34,9 +34,15 @@ STYLE_LOSSES = ("gram", "wasserstein")
 SPACES = ("pixel", "normalized")
 
 MAX_ITERATIONS = 100_000
+# The largest float32: a weight or rate beyond it is infinity once on the device. (Smaller ones can
+# still overflow a loss; the engine stops with NonFiniteLossError when one does.)
+MAX_FLOAT32 = 3.4028234663852886e38
 MIN_SIZE = 16
 MAX_SIZE = 8192
 MAX_SCALES = 10
+# Smallest side a style image is scaled to, so pool4/pool5 still see a few pixels.
+MIN_STYLE_SIDE = 16
+
 
 RELU_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 
@@ -175,6 +181,27 @@ class StyleConfig:
                 raise ConfigError(f"{name}: {exc}") from None
 
 
+    def check_style_size(self, style_size: tuple[int, int], name: str) -> None:
+        """ConfigError naming the style image ``name`` when, resized for a scale (its longest side
+        style_scale times the output's, never below MIN_STYLE_SIDE), it is too small for the
+        deepest style layer."""
+        from stylequeue.engine.images import fit_longest  # Pillow only when sizes are asked for
+
+        net = network(self.network)
+        deepest = net.deepest(self.style_layers).name
+        for side in self.scale_sizes:
+            width, height = fit_longest(style_size, style_side(self, side))
+            try:
+                net.check_input_size((height, width), deepest)
+            except ConfigError as exc:
+                raise ConfigError(f"style image {name}: {exc}") from None
+
+
+def style_side(config: "StyleConfig", size: int) -> int:
+    """Longest side of the style image for an output whose longest side is ``size``."""
+    return max(MIN_STYLE_SIDE, round(config.style_scale * size))
+
+
 def scale_sizes(size: int, min_size: int, scales: int) -> list[int]:
     """Longest sides, coarse to fine, in a geometric progression ending at ``size``."""
     if scales == 1:
@@ -219,6 +246,8 @@ def _check_weight(name: str, value: Any, *, positive: bool = False) -> None:
     if not ok or value < 0 or (positive and value == 0):
         need = "a finite number > 0" if positive else "a finite number >= 0"
         raise ConfigError(f"{name} must be {need}, got {value!r}")
+    if value > MAX_FLOAT32:
+        raise ConfigError(f"{name} must be at most {MAX_FLOAT32:.3g} (the largest float32), got {value!r}")
 
 
 def _check_numbers(cfg: StyleConfig) -> None:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from stylequeue.engine import color
-from stylequeue.engine.config import StyleConfig, layer_weights
+from stylequeue.engine.config import StyleConfig, layer_weights, style_side
 from stylequeue.engine.device import ExecutionPlan, apply_backend_settings, autocast, plan_execution, resolve_device
 from stylequeue.engine.images import resize_longest
 from stylequeue.engine.losses import (
@@ -26,7 +26,7 @@ from stylequeue.engine.losses import (
     gram_matrix,
     moments,
 )
-from stylequeue.engine.targets import TargetCache, Targets, image_digest, style_side, style_target_key
+from stylequeue.engine.targets import TargetCache, Targets, image_digest, style_target_key
 from stylequeue.engine.tensors import memory_format, to_tensor
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.exceptions import ConfigError

@@ -30,6 +30,9 @@ class OptimState:
     config: dict[str, Any]
     ema_image: torch.Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Whose state this is, as the caller names it (the service: a digest of the job's spec and
+    # its inputs' bytes); a caller never resumes a state that names another owner.
+    owner: str | None = None
 
     def changed_settings(self, config: StyleConfig) -> list[str]:
         """Settings in which ``config`` differs from the run that saved this state (RESUME_FREE
@@ -70,6 +73,7 @@ class OptimState:
                 "config": self.config,
                 "ema_image": self.ema_image,
                 "history": self.history,
+                "owner": self.owner,
             },
             buffer,
         )
@@ -94,4 +98,5 @@ class OptimState:
             config=raw["config"],
             ema_image=raw["ema_image"],
             history=list(raw["history"]),
+            owner=raw.get("owner"),
         )

@@ -23,13 +23,10 @@ from typing import Any, Mapping, Protocol
 import torch
 from PIL import Image
 
-from stylequeue.engine.config import StyleConfig
+from stylequeue.engine.config import StyleConfig, style_side
 
 # Bump when the way targets are computed changes, so stale cached targets are never used.
 TARGET_FORMAT = 2  # 2: the key names the kind of statistic (style_loss)
-# Smallest side a style image is scaled to, so pool4/pool5 still see a few pixels.
-MIN_STYLE_SIDE = 16
-
 # {layer name: (1, C, C) float32 Gram matrix}, or for the Wasserstein loss second moments and
 # means (objective.MEAN_SUFFIX).
 Targets = dict[str, torch.Tensor]
@@ -41,11 +38,6 @@ class TargetCache(Protocol):
     def get(self, key: str) -> Targets | None: ...
 
     def put(self, key: str, value: Targets) -> None: ...
-
-
-def style_side(config: StyleConfig, size: int) -> int:
-    """Longest side of the style image for an output whose longest side is ``size``."""
-    return max(MIN_STYLE_SIDE, round(config.style_scale * size))
 
 
 def image_digest(image: Image.Image) -> str:

@@ -34,7 +34,7 @@ from stylequeue.engine.state import OptimState
 from stylequeue.engine.targets import TargetCache
 from stylequeue.engine.tensors import memory_format, to_pil, to_tensor
 from stylequeue.engine.vgg import VGGFeatures
-from stylequeue.exceptions import ConfigError
+from stylequeue.exceptions import ConfigError, NonFiniteLossError
 
 
 @dataclass
@@ -358,6 +358,13 @@ def _report(m: _Member) -> None:
     elapsed = time.perf_counter() - problem.started
     its = run.steps_this_session / elapsed if elapsed > 0 else 0.0
     losses = {k: float(getattr(run.last, k).sum().item()) for k in ("total", "content", "style", "tv")}
+    if not all(math.isfinite(v) for v in losses.values()):
+        raise NonFiniteLossError(
+            f"the loss became {losses['total']} by iteration {run.iteration} (content {losses['content']}, "
+            f"style {losses['style']}, tv {losses['tv']}): a weight or the learning rate is too large for "
+            f"float32 (content_weight {cfg.content_weight:g}, style_weight {cfg.style_weight:g}, tv_weight "
+            f"{cfg.tv_weight:g}, lr {cfg.lr:g}); lower it"
+        )
     run.history.append(
         {"iteration": run.iteration, "scale_index": scale.index, "loss": losses["total"],
          "content_loss": losses["content"], "style_loss": losses["style"], "tv_loss": losses["tv"],

@@ -37,7 +37,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from stylequeue.engine.network import NETWORKS, VGG19, Network, convention as find_convention, features_only, recognise
+from stylequeue.engine.network import NETWORKS, VGG19, convention as find_convention, features_only, recognise
+from stylequeue.engine.sources import is_random, parse_random
 from stylequeue.fileio import atomic_file, atomic_path
 from stylequeue.exceptions import (
     ConfigError,
@@ -57,7 +58,6 @@ DOWNLOAD_TIMEOUT_S = 10.0
 RANDOM_MARKER = "stylequeue.random_seed"  # a file made from random:SEED
 NETWORK_MARKER = "stylequeue.network"
 CONVENTION_MARKER = "stylequeue.convention"
-MAX_RANDOM_SEED = 2**63 - 1  # torch.Generator.manual_seed's range, kept signed
 
 Fetcher = Callable[[str, Path], None]
 _FETCHERS: dict[str, Fetcher] = {}
@@ -153,7 +153,7 @@ def _with_convention(loaded: LoadedWeights, asked: str | None) -> LoadedWeights:
 def _load(source: str, sha256: str | None, cache_dir: str | None) -> LoadedWeights:
     if source == "imagenet":
         return _load_file(_imagenet_file(), source, sha256)
-    if source == "random" or source.startswith("random:"):
+    if is_random(source):
         if sha256:
             raise ConfigError("a sha256 was given for random weights, which have no file")
         return _random_weights(source)
@@ -168,19 +168,6 @@ def _load(source: str, sha256: str | None, cache_dir: str | None) -> LoadedWeigh
 
 
 # --- sources ------------------------------------------------------------------------------
-
-
-def parse_random(source: str) -> tuple[int, Network]:
-    """``random[:SEED[:NETWORK]]`` -> (seed, network); ConfigError saying the form otherwise."""
-    _, _, rest = source.partition(":")
-    seed_text, _, net_name = rest.partition(":")
-    form = "random, random:SEED or random:SEED:NETWORK (random:42:vgg16)"
-    if not (seed_text or "0").isdigit() or (net_name and net_name not in NETWORKS):
-        raise ConfigError(f"random weights are named {form}, SEED an integer seed, got {source!r}")
-    seed = int(seed_text or "0")
-    if seed > MAX_RANDOM_SEED:
-        raise ConfigError(f"a random-weights seed must be at most {MAX_RANDOM_SEED} (2^63 - 1), got {seed}")
-    return seed, NETWORKS[net_name or "vgg19"]
 
 
 def _random_weights(source: str) -> LoadedWeights:

@@ -10,13 +10,20 @@ job.cancel()
 ```
 
 A job is the chain ``validate -> stylize[0..n-1] -> publish`` with task ids derived from the
-job id, so any process can follow a job from its id alone. The same job id submitted twice does
-the work once: the first submitter claims the id in the result backend; later submits get a
-handle to the same job (unless it FAILED, TIMED_OUT or was CANCELLED: such a job may run again).
+job id, so any process can follow a job from its id alone. A job id means one job, as the
+idempotency keys of Stripe and Replicate do:
+
+* the same id and the same spec (``JobSpec.digest``: the fields that decide the result) is the
+  same job: it runs once, and later submits get its handle (a job that ended without a result,
+  FAILED, TIMED_OUT or CANCELLED, runs again);
+* the same id and another spec is refused with :class:`JobSpecError` naming the id, unless the
+  old job ended without a result and the producer passes ``replace=True``;
+* an output prefix belongs to one job: a spec whose ``output`` another job already uses is refused.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -26,11 +33,13 @@ from celery.canvas import Signature
 from celery.exceptions import TimeLimitExceeded
 from celery.result import AsyncResult
 
-from stylequeue.exceptions import JobFailedError, JobSpecError, JobTimeoutError
+from stylequeue.exceptions import JobFailedError, JobSpecError, JobTimeoutError, StyleQueueError
 from stylequeue.job import JobPaths, JobSpec, JobStatus
 from stylequeue.settings import Settings
 from stylequeue.tasks.app import TASK_PUBLISH, TASK_STYLIZE, TASK_VALIDATE, settings_of
 from stylequeue.tasks.control import JobControl
+
+log = logging.getLogger(__name__)
 
 _RUNNING_STATES = {"STARTED", "PROGRESS", "RETRY"}
 
@@ -47,10 +56,10 @@ def task_ids(job_id: str, steps: int) -> list[str]:
     return [f"{job_id}.validate", *(f"{job_id}.stylize.{k}" for k in range(steps)), f"{job_id}.publish"]
 
 
-def parse_spec(spec: JobSpec | Mapping[str, Any], settings: Settings | None = None) -> JobSpec:
-    """Validate a spec before anything is queued: fields, engine settings and, with ``settings``,
-    that every URI lies under the deployment's allowed prefixes."""
-    data = spec.message() if isinstance(spec, JobSpec) else dict(spec)
+def parse_spec(spec: JobSpec | Mapping[str, Any] | str | bytes, settings: Settings | None = None) -> JobSpec:
+    """Validate a spec (a JobSpec, a mapping, or its JSON text) before anything is queued: fields,
+    engine settings and, with ``settings``, that every URI lies under the allowed prefixes."""
+    data = spec.message() if isinstance(spec, JobSpec) else spec
     return JobSpec.parse(data, settings)
 
 
@@ -179,43 +188,79 @@ class JobHandle:
         JobControl(self.app).request_cancel(self.job_id)
 
 
-def submit(spec: JobSpec | Mapping[str, Any], *, app: Celery | None = None) -> JobHandle:
-    """Validate ``spec`` and queue its chain; returns the job's handle.
+def submit(spec: JobSpec | Mapping[str, Any] | str | bytes, *, app: Celery | None = None,
+           replace: bool = False) -> JobHandle:
+    """Validate ``spec`` (a mapping, a JobSpec or JSON text) and queue its chain; the job's handle.
 
     Raises :class:`JobSpecError`/:class:`ConfigError` before anything is queued. Submitting an id
-    that is queued, running or done returns that job's handle and queues nothing.
+    that is queued, running or done with the same spec returns that job's handle and queues
+    nothing; with another spec it is refused, unless ``replace`` and the old job ended without a
+    result (module docstring).
     """
     app = app or default_app()
     job = parse_spec(spec, settings_of(app))
-    handle, new = _claim(app, job)
+    handle, new = _claim(app, job, replace=replace)
     if new:
         build_chain(app, job, len(handle.task_ids) - 2, handle.task_ids).apply_async()
     return handle
 
 
-def _claim(app: Celery, job: JobSpec) -> tuple[JobHandle, bool]:
-    """Claim the job id; (handle, True) when this caller must queue the chain."""
+def _claim(app: Celery, job: JobSpec, *, replace: bool = False) -> tuple[JobHandle, bool]:
+    """Claim the job id (and its output prefix); (handle, True) when this caller must queue the chain."""
     settings: Settings = settings_of(app)
     paths = JobPaths.for_spec(job, settings)
     ids = task_ids(job.job_id, _steps(job))
     record = {"task_ids": ids, "result_uri": paths.result, "metadata_uri": paths.metadata,
-              "submitted_at": time.time()}
+              "checkpoint_uri": paths.checkpoint, "spec_digest": job.digest(), "submitted_at": time.time()}
     control = JobControl(app)
+    owner = control.claim_output(paths.prefix, job.job_id)
+    if owner != job.job_id:
+        raise JobSpecError(
+            f"output {paths.prefix} belongs to job {owner}; give job {job.job_id} an output of its own "
+            "(or leave output out: each job then gets <storage_root>/jobs/<job_id>)"
+        )
     if control.claim(job.job_id, record):
         control.track(job.job_id)  # the recovery sweep watches it until it ends
         return JobHandle.from_record(app, job.job_id, record), True
-    existing = JobHandle.from_record(app, job.job_id, control.record(job.job_id) or record)
+    old = control.record(job.job_id) or record
+    existing = JobHandle.from_record(app, job.job_id, old)
     status = existing.status()
-    if status is JobStatus.SUCCEEDED or not status.is_finished:
+    # A record from before spec digests were kept counts as the same spec.
+    same = old.get("spec_digest", record["spec_digest"]) == record["spec_digest"]
+    ended_without_result = status.is_finished and status is not JobStatus.SUCCEEDED
+    if same and not ended_without_result:
         return existing, False
-    # A failed or cancelled job may be run again under its id, from a clean slate.
+    if not same and not (replace and ended_without_result):
+        how = "succeeded" if status is JobStatus.SUCCEEDED else status.value
+        hint = (" or pass replace=True to run this spec under the id (the old job ended without a result)"
+                if ended_without_result else "")
+        raise JobSpecError(
+            f"job id {job.job_id} was submitted before with another spec (that job is {how}); "
+            f"submit this one under a new id{hint}"
+        )
+    # Run again under the id (the old job failed or was cancelled), from a clean slate: its
+    # results forgotten, its checkpoint gone (a new spec must never resume the old one's).
     for result in existing._results():
         result.forget()
     control.release(job.job_id, existing.task_ids, settings.task_max_retries)
+    if not same:
+        _delete_quietly(app, old.get("checkpoint_uri"))
     if not control.claim(job.job_id, record):
         raise JobSpecError(f"job {job.job_id} was resubmitted by someone else at the same moment")
     control.track(job.job_id)
     return JobHandle.from_record(app, job.job_id, record), True
+
+
+def _delete_quietly(app: Celery, uri: str | None) -> None:
+    """Remove a replaced job's checkpoint; the stylize task's owner check covers a failure here."""
+    if not uri:
+        return
+    from stylequeue.storage import open_storage
+
+    try:
+        open_storage(settings_of(app)).delete(uri)
+    except StyleQueueError as exc:
+        log.warning("could not delete the replaced job's checkpoint %s (%s); it will not be resumed", uri, exc)
 
 
 def get_job(job_id: str, *, app: Celery | None = None) -> JobHandle:

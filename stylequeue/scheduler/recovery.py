@@ -14,6 +14,13 @@ longest job) is lost, not merely in transit, and is sent again from its remember
 the same task id, so the job resumes from its checkpoint. A message lost more than
 ``max_deliveries`` times fails its job with a :class:`LostMessageError` instead: every job ends.
 
+The same sweep notices dead workers in seconds rather than at the visibility timeout (hours):
+a stylize step that a worker started (its state STARTED or PROGRESS, a lease taken) and whose
+lease has lapsed (tasks/lease.py: the heartbeat stopped with its worker) is sent again at once,
+unless its message is back on a queue already; another worker takes the lease and resumes the
+job's checkpoint. The dead worker's own copy of the message, which Redis restores much later,
+finds the job done (or its lease held) and does nothing.
+
 Only a Redis broker can lose messages this way and only its keys can be inspected; with any
 other broker the sweep reports ``skipped``.
 """
@@ -32,7 +39,7 @@ from stylequeue.exceptions import LostMessageError
 from stylequeue.scheduler.jobs import JobHandle
 from stylequeue.settings import Settings
 from stylequeue.tasks.app import settings_of
-from stylequeue.tasks.broker import broker_redis, is_redis_broker, queue_keys, task_ids_on_broker
+from stylequeue.tasks.broker import broker_redis, is_redis_broker, queue_keys, queued_and_taken
 from stylequeue.tasks.control import JobControl
 from stylequeue.tasks.sent import resend
 
@@ -40,6 +47,7 @@ log = logging.getLogger(__name__)
 
 LOCK = "recovery"
 REDRIVE_HEADER = "stylequeue_redrive"
+RUNNING = frozenset({"STARTED", "PROGRESS"})
 
 
 @dataclass
@@ -51,6 +59,7 @@ class SweepReport:
     on_broker: int = 0  # jobs whose next message is queued or being worked on
     missing: int = 0  # next message on no queue, for less than the grace so far
     resent: list[str] = field(default_factory=list)  # task ids sent again
+    lease_lapsed: list[str] = field(default_factory=list)  # of those: running steps whose worker died
     failed: list[str] = field(default_factory=list)  # task ids failed as lost too often
     skipped: str = ""  # why nothing was looked at
 
@@ -68,10 +77,14 @@ class Recovery:
         self.now = now
 
     def broker_ids(self) -> set[str]:
+        queued, taken = self.queued_and_taken()
+        return queued | taken
+
+    def queued_and_taken(self) -> tuple[set[str], set[str]]:
         options = self.app.conf.broker_transport_options
         with broker_redis(self.settings.resolved_broker_url, options, "lost-message recovery") as client:
-            return task_ids_on_broker(client, [self.settings.gpu_queue, self.settings.light_queue],
-                                      queue_keys(options))
+            return queued_and_taken(client, [self.settings.gpu_queue, self.settings.light_queue],
+                                    queue_keys(options))
 
     def sweep(self) -> SweepReport:
         report = SweepReport()
@@ -94,13 +107,18 @@ class Recovery:
         jobs = self.control.active_jobs()
         report.active = len(jobs)
         # The broker is read after the job list: a job submitted in between is simply on it.
-        present = self.broker_ids()
+        queued, taken = self.queued_and_taken()
+        present = queued | taken
         lost: list[tuple[str, str]] = []
+        dead: list[tuple[str, str]] = []
         for job_id in jobs:
-            waiting_on = self._waiting_on(job_id)
-            if waiting_on is None:
+            waiting = self._waiting(job_id)
+            waiting_on = waiting[0] if waiting else None
+            if waiting is None:
                 self.control.untrack(job_id)
                 report.ended += 1
+            elif waiting_on not in queued and self._lease_lapsed(job_id, *waiting):
+                dead.append((job_id, waiting[0]))
             elif waiting_on in present:
                 self.control.clear_missing(waiting_on)
                 report.on_broker += 1
@@ -108,23 +126,40 @@ class Recovery:
                 report.missing += 1
             else:
                 lost.append((job_id, waiting_on))
-        if not lost:
+        if not lost and not dead:
             return
-        # Look once more before acting: a message that moved between reads is not lost.
-        present = self.broker_ids()
+        # Look once more before acting: a message that moved between reads is not lost, and a
+        # step whose worker took the lease again meanwhile is not dead.
+        queued, taken = self.queued_and_taken()
         for job_id, task_id in lost:
-            if task_id in present or self._waiting_on(job_id) != task_id:
+            if task_id in queued | taken or self._waiting_on(job_id) != task_id:
                 self.control.clear_missing(task_id)
                 report.on_broker += 1
             else:
-                self._recover(job_id, task_id, report)
+                self._recover(job_id, task_id, report, f"was on no queue for over {self.grace_s} s",
+                              f"the broker lost the message of {task_id}", "it was lost")
+        for job_id, task_id in dead:
+            waiting = self._waiting(job_id)
+            if task_id in queued or waiting is None or not self._lease_lapsed(job_id, *waiting):
+                report.on_broker += 1
+                continue
+            # Marked unleased until a worker starts the step again: a re-sent message that waits
+            # in a busy worker's prefetch is not taken for another dead one.
+            self.control.forget_leased(task_id)
+            report.lease_lapsed.append(task_id)
+            self._recover(job_id, task_id, report, "was running on a worker whose lease lapsed (it died)",
+                          f"{task_id} ran on a worker that died", "its worker died")
 
     @property
     def grace_s(self) -> int:
         return self.settings.resolved_recover_after_s
 
     def _waiting_on(self, job_id: str) -> str | None:
-        """The task id whose message the job needs next, or None when the job has ended."""
+        waiting = self._waiting(job_id)
+        return waiting[0] if waiting else None
+
+    def _waiting(self, job_id: str) -> tuple[str, str] | None:
+        """(the task id whose message the job needs next, its state), or None when the job ended."""
         record = self.control.record(job_id)
         if record is None:
             return None  # expired with the results, or released for a resubmission
@@ -132,27 +167,34 @@ class Recovery:
         if handle.status().is_finished:
             return None
         for task_id in handle.task_ids:
-            if AsyncResult(task_id, app=self.app).state != "SUCCESS":
-                return task_id
+            state = AsyncResult(task_id, app=self.app).state
+            if state != "SUCCESS":
+                return task_id, state
         return None
 
-    def _recover(self, job_id: str, task_id: str, report: SweepReport) -> None:
+    def _lease_lapsed(self, job_id: str, task_id: str, state: str) -> bool:
+        """A step a worker ran under a lease, with no lease now: its worker died."""
+        return (state in RUNNING and self.control.was_leased(task_id)
+                and self.control.lease_holder(job_id) is None)
+
+    def _recover(self, job_id: str, task_id: str, report: SweepReport, why_now: str, what: str,
+                 again: str) -> None:
         self.control.clear_missing(task_id)
         message = self.control.sent_message(task_id)
         count = self.control.count_redrive(task_id)
         if message is None or count > self.settings.max_deliveries:
             why = ("no copy of it was kept" if message is None
-                   else f"it was lost {count} times (limit {self.settings.max_deliveries})")
+                   else f"{again} {count} times (limit {self.settings.max_deliveries})")
             error = LostMessageError(
-                f"the broker lost the message of {task_id} and {why}; the job is failed rather "
-                f"than left waiting: resubmit job {job_id}"
+                f"{what} and {why}; the job is failed rather than left waiting: see the worker logs, "
+                f"then resubmit job {job_id}"
             )
             self.app.backend.mark_as_failure(task_id, error)
             report.failed.append(task_id)
             log.error("recovery: %s", error)
             return
-        log.warning("recovery: message of %s (job %s) was on no queue for over %d s; sending it "
-                    "again (%d/%d)", task_id, job_id, self.grace_s, count, self.settings.max_deliveries)
+        log.warning("recovery: %s (job %s) %s; sending it again (%d/%d)", task_id, job_id, why_now, count,
+                    self.settings.max_deliveries)
         resend(self.app, message, headers={REDRIVE_HEADER: count})
         report.resent.append(task_id)
 

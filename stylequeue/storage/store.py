@@ -18,7 +18,7 @@ from stylequeue.exceptions import ConfigError, StorageError, TransientStorageErr
 from stylequeue.settings import Settings
 from stylequeue.storage.local import FileBackend
 from stylequeue.storage.s3 import S3Backend
-from stylequeue.storage.uri import Location, check_allowed, parse_uri
+from stylequeue.storage.uri import Location, check_allowed, parse_object_uri, parse_uri
 
 log = logging.getLogger("stylequeue.storage")
 T = TypeVar("T")
@@ -106,9 +106,10 @@ class Storage:
             text = text.replace(secret, "***")
         return text
 
-    def check(self, uri: str) -> Location:
-        """Parse ``uri`` and check the allow-list; raises without any request being made."""
-        loc = parse_uri(uri)
+    def check(self, uri: str, *, obj: bool = True) -> Location:
+        """Parse ``uri`` (one object's, unless ``obj`` is False: a prefix) and check the allow-list;
+        raises without any request being made."""
+        loc = parse_object_uri(uri) if obj else parse_uri(uri)
         check_allowed(loc, uri, self._prefixes)
         return loc
 
@@ -138,7 +139,7 @@ class Storage:
 
     def list(self, prefix: str) -> list[str]:
         """Every object URI starting with ``prefix`` (a string prefix, as in S3), sorted."""
-        loc = self.check(prefix)
+        loc = self.check(prefix, obj=False)
         backend = self._backend(loc)
         return self._retrying("list", prefix, lambda: backend.list(loc))
 
@@ -151,7 +152,7 @@ class Storage:
     def delete_prefix(self, prefix: str) -> int:
         """Remove every object under ``prefix``; returns how many there were."""
         uris = self.list(prefix)
-        loc = self.check(prefix)
+        loc = self.check(prefix, obj=False)
         if loc.scheme == "s3":
             keys = [parse_uri(u).key for u in uris]
             self._retrying("delete", prefix, lambda: self._s3.delete_many(loc, keys))

@@ -62,6 +62,19 @@ def parse_uri(uri: str) -> Location:
     )
 
 
+def parse_object_uri(uri: str) -> Location:
+    """Parse a URI that must name one object (an image, a weights file), not a bucket or folder."""
+    loc = parse_uri(uri)
+    name = loc.key if loc.scheme == "s3" else loc.path
+    if not name or name.endswith("/"):
+        what = "a bucket" if loc.scheme == "s3" and not loc.key else "a folder"
+        raise UnsupportedURIError(
+            f"{uri!r} names {what}, not an object: give the object's whole key, for example "
+            f"{'s3://bucket/in/cat.png' if loc.scheme == 's3' else 'file:///data/in/cat.png'}"
+        )
+    return loc
+
+
 def _parse_s3(uri: str) -> Location:
     rest = uri.split("://", 1)[1]
     bucket, _, key = rest.partition("/")

@@ -74,6 +74,10 @@ def _check_limits(settings: Settings) -> None:
             f"({settings.job_time_limit}s): a worker busy with a job may hold the next message "
             "unread that long, and re-sending it sooner would run it twice"
         )
+    if settings.lease_ttl_s < 3:
+        raise ConfigError(f"lease_ttl_s must be at least 3 s (it is renewed every third), got {settings.lease_ttl_s}")
+    if settings.shutdown_grace_s < 0 or settings.recover_every_s < 1:
+        raise ConfigError("shutdown_grace_s must be >= 0 and recover_every_s >= 1")
     if settings.visibility_timeout <= settings.job_time_limit:
         raise ConfigError(
             f"visibility_timeout ({settings.visibility_timeout}s) must exceed job_time_limit "

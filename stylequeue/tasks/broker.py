@@ -111,7 +111,13 @@ def _task_id(raw: bytes | str, wrapped: bool) -> str | None:
 
 
 def task_ids_on_broker(client: Any, queues: Iterable[str], keys: QueueKeys = QueueKeys()) -> set[str]:
-    """Ids of every task waiting in ``queues`` or taken and unacknowledged, read atomically.
+    """Ids of every task waiting in ``queues`` or taken and unacknowledged, read atomically."""
+    queued, taken = queued_and_taken(client, queues, keys)
+    return queued | taken
+
+
+def queued_and_taken(client: Any, queues: Iterable[str], keys: QueueKeys = QueueKeys()) -> tuple[set[str], set[str]]:
+    """(ids waiting in ``queues``, ids a worker has taken and not acknowledged), read atomically.
 
     One MULTI/EXEC: kombu moves a message from ``unacked`` back to a list in one transaction
     (``restore_visible``), so separate reads could miss a message that is merely moving.
@@ -122,7 +128,6 @@ def task_ids_on_broker(client: Any, queues: Iterable[str], keys: QueueKeys = Que
             pipe.lrange(key, 0, -1)
         pipe.hvals(keys.unacked)
         *lists, unacked = pipe.execute()
-    ids = {_task_id(raw, wrapped=False) for entries in lists for raw in entries}
-    ids |= {_task_id(raw, wrapped=True) for raw in unacked}
-    ids.discard(None)
-    return ids  # type: ignore[return-value]
+    queued = {_task_id(raw, wrapped=False) for entries in lists for raw in entries}
+    taken = {_task_id(raw, wrapped=True) for raw in unacked}
+    return queued - {None}, taken - {None}  # type: ignore[return-value]

@@ -9,6 +9,7 @@ by the optimisation loop at its next poll.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,8 @@ class KeyValue(Protocol):
 
     def get(self, key: str) -> str | None: ...
     def add(self, key: str, value: str, ttl_s: int | None = None) -> bool: ...
+    def renew(self, key: str, value: str, ttl_s: int) -> bool: ...
+    def delete_if(self, key: str, value: str) -> bool: ...
     def put(self, key: str, value: str) -> None: ...
     def incr(self, key: str) -> int: ...
     def delete(self, key: str) -> None: ...
@@ -57,6 +60,16 @@ class RedisKeyValue:
 
     def add(self, key: str, value: str, ttl_s: int | None = None) -> bool:
         return bool(self.client.set(key, value, nx=True, ex=ttl_s or self.expires_s))  # type: ignore[attr-defined]
+
+    # Compare-and-set in one round trip: only the holder of ``value`` extends or drops the key.
+    _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end return 0"
+    _DELETE_IF = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+    def renew(self, key: str, value: str, ttl_s: int) -> bool:
+        return bool(self.client.eval(self._RENEW, 1, key, value, ttl_s))  # type: ignore[attr-defined]
+
+    def delete_if(self, key: str, value: str) -> bool:
+        return bool(self.client.eval(self._DELETE_IF, 1, key, value))  # type: ignore[attr-defined]
 
     def put(self, key: str, value: str) -> None:
         self.client.set(key, value, ex=self.expires_s)  # type: ignore[attr-defined]
@@ -118,6 +131,19 @@ class FileKeyValue:
             return False
         with os.fdopen(fd, "w") as fh:
             fh.write(value)
+        return True
+
+    def renew(self, key: str, value: str, ttl_s: int) -> bool:
+        """Touch the key if it still holds ``value``: ``add`` counts a key's age from its mtime."""
+        if self.get(key) != value:
+            return False
+        os.utime(self._path(key))
+        return True
+
+    def delete_if(self, key: str, value: str) -> bool:
+        if self.get(key) != value:
+            return False
+        self.delete(key)
         return True
 
     def put(self, key: str, value: str) -> None:
@@ -207,6 +233,17 @@ class JobControl:
         """
         return self.store.add(f"{KEY_PREFIX}job-{job_id}", json.dumps(record))
 
+    def claim_output(self, prefix: str, job_id: str) -> str:
+        """Bind the output ``prefix`` to ``job_id`` unless another job has it; returns its owner.
+
+        A prefix holds one job's result.json and checkpoint: two jobs sharing one would read each
+        other's. The binding lasts as long as the job's record (``result_expires``).
+        """
+        key = f"{KEY_PREFIX}output-{hashlib.sha256(prefix.encode()).hexdigest()[:32]}"
+        if self.store.add(key, job_id):
+            return job_id
+        return self.store.get(key) or job_id  # (expired between the two calls: nobody holds it)
+
     def record(self, job_id: str) -> dict[str, Any] | None:
         """The record stored when ``job_id`` was submitted, or None for an unknown id."""
         raw = self.store.get(f"{KEY_PREFIX}job-{job_id}")
@@ -219,6 +256,7 @@ class JobControl:
         for task_id in task_ids:
             self.store.delete(f"{KEY_PREFIX}redrives-{task_id}")
             self.clear_missing(task_id)
+            self.forget_leased(task_id)
             for retries in range(max_retries + 1):
                 self.store.delete(f"{KEY_PREFIX}deliveries-{task_id}-{retries}")
 
@@ -256,36 +294,49 @@ class JobControl:
         """How many times ``task_id`` has been sent again by recovery, this time included."""
         return self.store.incr(f"{KEY_PREFIX}redrives-{task_id}")
 
+    # Leases of running stylize steps (stylequeue.tasks.lease) ------------------------------
+    def take_lease(self, job_id: str, holder: str, ttl_s: int, task_id: str) -> bool:
+        """Hold ``job_id``'s lease as ``holder`` unless someone holds it; marks ``task_id`` leased."""
+        if not self.store.add(f"{KEY_PREFIX}lease-{job_id}", holder, ttl_s=ttl_s):
+            return False
+        self.store.put(f"{KEY_PREFIX}leased-{task_id}", holder)
+        return True
+
+    def renew_lease(self, job_id: str, holder: str, ttl_s: int) -> bool:
+        return self.store.renew(f"{KEY_PREFIX}lease-{job_id}", holder, ttl_s)
+
+    def lease_holder(self, job_id: str) -> str | None:
+        return self.store.get(f"{KEY_PREFIX}lease-{job_id}")
+
+    def drop_lease(self, job_id: str, holder: str) -> None:
+        self.store.delete_if(f"{KEY_PREFIX}lease-{job_id}", holder)
+
+    def was_leased(self, task_id: str) -> bool:
+        """Has a worker ever held a lease while running ``task_id``? (Then a missing lease means
+        it died; before that the task may merely be starting.)"""
+        return self.store.get(f"{KEY_PREFIX}leased-{task_id}") is not None
+
+    def forget_leased(self, task_id: str) -> None:
+        self.store.delete(f"{KEY_PREFIX}leased-{task_id}")
+
+    # Draining workers (a SIGTERM'd worker's tasks hand their jobs back) ----------------------
+    def mark_draining(self, hostname: str, ttl_s: int) -> None:
+        self.store.add(f"{KEY_PREFIX}draining-{hostname}", str(time.time()), ttl_s=ttl_s)
+
+    def clear_draining(self, hostname: str) -> None:
+        self.store.delete(f"{KEY_PREFIX}draining-{hostname}")
+
+    def draining_since(self, hostname: str) -> float | None:
+        value = self.store.get(f"{KEY_PREFIX}draining-{hostname}")
+        return float(value) if value else None
+
+    def forget_delivery(self, task_id: str, retries: int) -> None:
+        """Forget a delivery that handed its job back on purpose (not a crash: no poison count)."""
+        self.store.delete(f"{KEY_PREFIX}deliveries-{task_id}-{retries}")
+
     def lock(self, name: str, ttl_s: int) -> bool:
         """A lock that frees itself after ``ttl_s`` (a crashed holder cannot keep it)."""
         return self.store.add(f"{KEY_PREFIX}lock-{name}", str(time.time()), ttl_s=ttl_s)
 
     def unlock(self, name: str) -> None:
         self.store.delete(f"{KEY_PREFIX}lock-{name}")
-
-
-class CancelPoller:
-    """``should_stop`` for the engine: reads the cancel flag at most every ``interval_s``.
-
-    The engine polls every iteration; a Redis round trip per iteration would be wasted on
-    small images, so the answer is cached for half a second.
-    """
-
-    def __init__(self, control: JobControl, job_id: str, interval_s: float = 0.5) -> None:
-        self.control = control
-        self.job_id = job_id
-        self.interval_s = interval_s
-        self._checked_at = 0.0
-        self.cancelled = False
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if not self.cancelled and now - self._checked_at >= self.interval_s:
-            self._checked_at = now
-            try:
-                self.cancelled = self.control.is_cancelled(self.job_id)
-            except Exception as exc:  # noqa: BLE001 - redis-py's and the file store's errors alike
-                # The backend is briefly unreachable (a Redis restart): a cancel flag cannot be
-                # read, which is no reason to fail a running job; ask again at the next poll.
-                log.warning("cannot read the cancel flag of %s (%s); will ask again", self.job_id, exc)
-        return self.cancelled

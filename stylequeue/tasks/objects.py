@@ -5,7 +5,9 @@ service wrote itself. The state a chain step hands the next travels through stor
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from typing import Any
 
 from PIL import Image
@@ -17,7 +19,24 @@ from stylequeue.settings import Settings
 
 def read_image(store: Any, uri: str, settings: Settings) -> Image.Image:
     """Fetch and decode ``uri`` as RGB, within the deployment's pixel limit."""
-    return load_image(store.get_bytes(uri), name=uri, max_pixels=settings.max_pixels)
+    return read_input(store, uri, settings)[0]
+
+
+def read_input(store: Any, uri: str, settings: Settings) -> tuple[Image.Image, str]:
+    """(image, sha256 of its bytes): an input and what identifies its content."""
+    data = store.get_bytes(uri)
+    return load_image(data, name=uri, max_pixels=settings.max_pixels), hashlib.sha256(data).hexdigest()
+
+
+def checkpoint_owner(spec_digest: str, input_digests: list[str]) -> str:
+    """Whose checkpoint: this spec on these input bytes. A resubmitted id with other content (or a
+    content object overwritten in place) never resumes the old run's state."""
+    return hashlib.sha256(f"{spec_digest}:{','.join(input_digests)}".encode()).hexdigest()
+
+
+def to_json(data: Any, indent: int | None = None) -> bytes:
+    """Strict JSON (no bare NaN or Infinity, which other parsers refuse), UTF-8."""
+    return json.dumps(data, indent=indent, allow_nan=False).encode()
 
 
 def read_state(store: Any, uri: str) -> OptimState | None:

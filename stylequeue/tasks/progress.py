@@ -85,8 +85,10 @@ class ProgressReporter:
         self.preview_every = preview_every
         self.save_preview = save_preview
         self._last_preview: int | None = None  # the iteration of the last preview
+        self.last: "Progress | None" = None  # the latest report (how long the step still needs)
 
     def __call__(self, progress: "Progress") -> None:
+        self.last = progress
         meta = progress_meta(progress, self.job_id)
         self.task.update_state(state=PROGRESS_STATE, meta=meta)
         try:

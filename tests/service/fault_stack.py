@@ -65,6 +65,12 @@ class Stack:
         make_image(*size, seed=seed).save(buffer, "PNG")
         return self.put(key, buffer.getvalue())
 
+    def put_samples(self) -> "Stack":
+        """The content (48x32) and style (40x40) images most tests use, as ``content``/``style``."""
+        self.content = self.put_png("in/content.png", (48, 32), 1)
+        self.style = self.put_png("in/style.png", (40, 40), 2)
+        return self
+
     def get(self, uri: str) -> bytes:
         bucket, key = split_s3(uri)
         return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -100,6 +106,20 @@ class Stack:
                 if client.type(key) == b"list":
                     total += int(client.llen(key))
         return total
+
+
+def workers_up(stack: Stack, request: Any) -> Iterator[Stack]:
+    """A test's view of a module stack: every worker up (restarting any an earlier test killed),
+    and the workers' logs printed when the test fails. ``yield from`` it in a fixture."""
+    down = [w for w in stack.workers if not w.running]
+    for worker in down:
+        worker.launch()
+    for worker in down:
+        worker.wait_ready()
+    yield stack
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(stack.logs())
 
 
 def split_s3(uri: str) -> tuple[str, str]:

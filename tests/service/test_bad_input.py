@@ -36,8 +36,7 @@ def bs(s3_server, tmp_path_factory) -> Stack:
         "STYLEQUEUE_ALLOWED_PREFIXES": f"s3://{{bucket}}/,s3://{MISSING_BUCKET}/",
     }
     with start_stack(s3_server, tmp_path_factory.mktemp("bad-input"), extra_env=env) as stack:
-        stack.content = stack.put_png("in/content.png", (48, 32), 1)
-        stack.style = stack.put_png("in/style.png", (40, 40), 2)
+        stack.put_samples()
         yield stack
 
 

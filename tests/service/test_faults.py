@@ -17,6 +17,8 @@ import time
 import uuid
 from datetime import datetime
 
+from typing import Iterator
+
 import pytest
 
 from stylequeue.exceptions import JobFailedError
@@ -31,6 +33,7 @@ from tests.service.fault_stack import (
     pids_of_children,
     start_stack,
     wait_for,
+    workers_up,
 )
 
 pytestmark = pytest.mark.timeout(240)
@@ -60,23 +63,14 @@ def stack(s3_server, tmp_path_factory) -> Stack:
     with start_stack(s3_server, tmp_path_factory.mktemp("faults"), gpu_workers=2, appendonly=True,
                      gpu_args=["--include", "testbed.poison"], versioned=True, extra_env=ENV,
                      beat=True) as stack:
-        stack.content = stack.put_png("in/content.png", (48, 32), 1)
-        stack.style = stack.put_png("in/style.png", (40, 40), 2)
+        stack.put_samples()
         yield stack
 
 
 @pytest.fixture
-def fs(stack: Stack, request: pytest.FixtureRequest) -> Stack:
+def fs(stack: Stack, request: pytest.FixtureRequest) -> Iterator[Stack]:
     """The stack, with every worker up (restarting any a test killed); logs on failure."""
-    down = [w for w in stack.workers if not w.running]
-    for worker in down:
-        worker.launch()
-    for worker in down:
-        worker.wait_ready()
-    yield stack
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(stack.logs())
+    yield from workers_up(stack, request)
 
 
 def _spec(fs: Stack, **params) -> dict:

@@ -10,13 +10,22 @@ from __future__ import annotations
 import signal
 import time
 from datetime import datetime
+from typing import Iterator
 
 import pytest
 
 from stylequeue.scheduler import submit
 from stylequeue.settings import Settings
 from stylequeue.tasks.control import JobControl
-from tests.service.fault_stack import Stack, job_spec, pid_alive, pids_of_children, start_stack, wait_for
+from tests.service.fault_stack import (
+    Stack,
+    job_spec,
+    pid_alive,
+    pids_of_children,
+    start_stack,
+    wait_for,
+    workers_up,
+)
 
 pytestmark = pytest.mark.timeout(300)
 DEFAULTS = Settings()
@@ -30,22 +39,14 @@ def ls(s3_server, tmp_path_factory) -> Stack:
                      extra_env=env, beat=True) as stack:
         assert stack.settings.visibility_timeout == DEFAULTS.visibility_timeout == 7200
         assert (stack.settings.lease_ttl_s, stack.settings.recover_every_s) == (20, 10)
-        stack.content = stack.put_png("in/content.png", (48, 32), 1)
-        stack.style = stack.put_png("in/style.png", (40, 40), 2)
+        stack.put_samples()
         yield stack
 
 
 @pytest.fixture
-def fs(ls: Stack, request: pytest.FixtureRequest) -> Stack:
-    down = [w for w in ls.workers if not w.running]
-    for worker in down:
-        worker.launch()
-    for worker in down:
-        worker.wait_ready()
-    yield ls
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(ls.logs())
+def fs(ls: Stack, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The stack, with every worker up (restarting any a test killed); logs on failure."""
+    yield from workers_up(ls, request)
 
 
 def _long_job(fs: Stack, iterations: int) -> dict:

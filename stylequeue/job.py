@@ -236,6 +236,11 @@ def _check_engine_inputs(spec: JobSpec) -> None:
     config = spec.style_config()
     if config.init == "image":
         raise ValueError("params.init 'image' needs an initial image, which a job cannot give; use 'content' or 'noise'")
+    if config.tile_size:
+        # The engine tiles (stylequeue run --tile-size); spreading one job's tiles over the
+        # fleet (one GPU task per tile) is not built yet, and running them untiled would not fit.
+        raise ValueError("params.tile_size: tiled jobs are not run by the service yet; run them with "
+                         "`stylequeue run --tile-size N`, or leave tile_size out")
     blend = config.style_blend_weights
     if blend is not None and len(blend) != len(spec.styles):
         raise ValueError(

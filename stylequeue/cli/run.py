@@ -47,6 +47,9 @@ _PASSTHROUGH = {
     "style_loss": "style_loss",
     "scales": "scales",
     "min_size": "min_size",
+    "tile_size": "tile_size",
+    "tile_overlap": "tile_overlap",
+    "tile_passes": "tile_passes",
     "progress_every": "progress_every",
     "device": "device",
 }
@@ -90,6 +93,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     engine.add_argument("--network", help="vgg19 or vgg16 (default: the weights' network)")
     engine.add_argument("--scales", type=int, help="number of coarse-to-fine sizes")
     engine.add_argument("--min-size", type=int, help="longest side of the coarsest scale")
+    engine.add_argument("--tile-size", type=int, help="run the final scale as overlapping tiles of at "
+                        "most this many px a side (print sizes past what the device holds)")
+    engine.add_argument("--tile-overlap", type=int, help="pixels neighbouring tiles share (default 64)")
+    engine.add_argument("--tile-passes", type=int, help="1, or 2: a second pass over a grid shifted "
+                        "by half a tile")
     engine.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: settings)")
     engine.add_argument("--progress-every", type=int, metavar="N", help="report every N steps")
     io = p.add_argument_group("inputs and outputs")
@@ -115,6 +123,7 @@ def run_command(args: argparse.Namespace) -> int:
     import torch
 
     from stylequeue.engine import stylize
+    from stylequeue.engine.tiled import stylize_tiled
     from stylequeue.engine.images import format_for_path, save_image
     from stylequeue.worker.resources import resources_for
 
@@ -135,10 +144,15 @@ def run_command(args: argparse.Namespace) -> int:
     with _ProgressBar(config.total_iterations, quiet=args.quiet) as bar, stop.installed():
         callback = _callback(bar, out, args.save_every, settings.max_pixels, save_image)
         try:
-            result = stylize(
-                content, styles, config, model=model, init_image=init_image,
-                callback=callback, should_stop=stop,
-            )  # fmt: skip
+            if config.tile_size:
+                if init_image is not None:
+                    raise ConfigError("--init PATH and --tile-size together are not supported; use one")
+                result = stylize_tiled(content, styles, config, model=model, callback=callback, should_stop=stop)
+            else:
+                result = stylize(
+                    content, styles, config, model=model, init_image=init_image,
+                    callback=callback, should_stop=stop,
+                )  # fmt: skip
         except torch.OutOfMemoryError:
             raise StyleQueueError(
                 f"out of device memory at size {config.size} on {config.device}: lower --size, "
@@ -319,6 +333,10 @@ class _ProgressBar:
         postfix = {"loss": f"{progress.loss:.4g}"}
         if progress.num_scales > 1:
             postfix["scale"] = f"{progress.scale_index + 1}/{progress.num_scales}"
+        if progress.tiles:
+            postfix["tile"] = f"{progress.tile + 1}/{progress.tiles}"
         postfix["size"] = f"{progress.width}x{progress.height}"
+        if progress.total != self.bar.total:
+            self.bar.total = progress.total  # a tiled job counts every tile's iterations
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(progress.iteration - self.bar.n)  # tqdm derives it/s and ETA from these

@@ -42,6 +42,8 @@ MAX_SIZE = 8192
 MAX_SCALES = 10
 # Smallest side a style image is scaled to, so pool4/pool5 still see a few pixels.
 MIN_STYLE_SIDE = 16
+# Smallest tile: below it the overlap and VGG's deepest layers leave too little of each tile.
+MIN_TILE = 64
 
 
 RELU_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -98,11 +100,17 @@ class StyleConfig:
     style_loss: str = "gram"
     style_blend_weights: tuple[float, ...] | None = None  # None: equal; normalised to sum 1
     style_scale: float = 1.0  # style's longest side = style_scale * the output's longest side
+    style_size: int | None = None  # the style's longest side in px, whatever the output's (tiles)
     original_colors: bool = False  # luminance-only transfer (Gatys et al. 2016)
     init: str = "content"
     pooling: str = "avg"  # the search found max ~5% lower on loss; avg per the seed and Gatys (smoother)
     scales: int = 1  # coarse-to-fine sizes, geometric from min_size to size
     min_size: int = 128
+    # Print-size pictures (engine/tiled.py): the final scale as overlapping tiles of at most
+    # tile_size px a side (0: untiled), overlapping by tile_overlap px, in tile_passes grids.
+    tile_size: int = 0
+    tile_overlap: int = 64
+    tile_passes: int = 1
     ema_decay: float = 0.0  # iterate averaging of the image; 0 = off
     seed: int = 0
     progress_every: int = 10
@@ -198,7 +206,10 @@ class StyleConfig:
 
 
 def style_side(config: "StyleConfig", size: int) -> int:
-    """Longest side of the style image for an output whose longest side is ``size``."""
+    """Longest side of the style image for an output whose longest side is ``size``: ``style_size``
+    when set (a tile takes the style at the whole picture's scale, not the tile's)."""
+    if config.style_size is not None:
+        return config.style_size
     return max(MIN_STYLE_SIDE, round(config.style_scale * size))
 
 
@@ -261,6 +272,12 @@ def _check_numbers(cfg: StyleConfig) -> None:
             "lower min_size or set scales to 1"
         )
     _check_int("seed", cfg.seed, 0, 2**63 - 1)
+    if cfg.style_size is not None:
+        _check_int("style_size", cfg.style_size, MIN_STYLE_SIDE, MAX_SIZE)
+    if cfg.tile_size:
+        _check_int("tile_size", cfg.tile_size, MIN_TILE, MAX_SIZE)
+        _check_int("tile_overlap", cfg.tile_overlap, 0, cfg.tile_size // 3)
+        _check_int("tile_passes", cfg.tile_passes, 1, 2)
     _check_int("progress_every", cfg.progress_every, 1, MAX_ITERATIONS)
     _check_int("checkpoint_every", cfg.checkpoint_every, 0, MAX_ITERATIONS)
     _check_weight("lr", cfg.lr, positive=True)

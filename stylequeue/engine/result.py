@@ -37,6 +37,8 @@ class Progress:
     its_per_s: float
     eta_s: float
     preview: Callable[[], Image.Image] = field(repr=False)
+    tile: int | None = None  # a tiled job's final scale: which tile (engine/tiled.py) ...
+    tiles: int = 0  # ... of how many
 
 
 @dataclass

@@ -175,7 +175,7 @@ class Recovery:
     def _lease_lapsed(self, job_id: str, task_id: str, state: str) -> bool:
         """A step a worker ran under a lease, with no lease now: its worker died."""
         return (state in RUNNING and self.control.was_leased(task_id)
-                and self.control.lease_holder(job_id) is None)
+                and self.control.lease_holder(task_id) is None)
 
     def _recover(self, job_id: str, task_id: str, report: SweepReport, why_now: str, what: str,
                  again: str) -> None:

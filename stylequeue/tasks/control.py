@@ -294,22 +294,23 @@ class JobControl:
         """How many times ``task_id`` has been sent again by recovery, this time included."""
         return self.store.incr(f"{KEY_PREFIX}redrives-{task_id}")
 
-    # Leases of running stylize steps (stylequeue.tasks.lease) ------------------------------
-    def take_lease(self, job_id: str, holder: str, ttl_s: int, task_id: str) -> bool:
-        """Hold ``job_id``'s lease as ``holder`` unless someone holds it; marks ``task_id`` leased."""
-        if not self.store.add(f"{KEY_PREFIX}lease-{job_id}", holder, ttl_s=ttl_s):
+    # Leases of running GPU tasks (stylequeue.tasks.lease), one per task: a tiled job's tiles
+    # run at once on several workers, each under its own lease.
+    def take_lease(self, task_id: str, holder: str, ttl_s: int) -> bool:
+        """Hold ``task_id``'s lease as ``holder`` unless someone holds it; marks the task leased."""
+        if not self.store.add(f"{KEY_PREFIX}lease-{task_id}", holder, ttl_s=ttl_s):
             return False
         self.store.put(f"{KEY_PREFIX}leased-{task_id}", holder)
         return True
 
-    def renew_lease(self, job_id: str, holder: str, ttl_s: int) -> bool:
-        return self.store.renew(f"{KEY_PREFIX}lease-{job_id}", holder, ttl_s)
+    def renew_lease(self, task_id: str, holder: str, ttl_s: int) -> bool:
+        return self.store.renew(f"{KEY_PREFIX}lease-{task_id}", holder, ttl_s)
 
-    def lease_holder(self, job_id: str) -> str | None:
-        return self.store.get(f"{KEY_PREFIX}lease-{job_id}")
+    def lease_holder(self, task_id: str) -> str | None:
+        return self.store.get(f"{KEY_PREFIX}lease-{task_id}")
 
-    def drop_lease(self, job_id: str, holder: str) -> None:
-        self.store.delete_if(f"{KEY_PREFIX}lease-{job_id}", holder)
+    def drop_lease(self, task_id: str, holder: str) -> None:
+        self.store.delete_if(f"{KEY_PREFIX}lease-{task_id}", holder)
 
     def was_leased(self, task_id: str) -> bool:
         """Has a worker ever held a lease while running ``task_id``? (Then a missing lease means

@@ -1,7 +1,8 @@
 """A running stylize step's lease on its job, and the one question the engine's ``should_stop`` asks.
 
-Why a lease: with Redis, a message held by a worker that vanished (SIGKILL, an OOM-killed
-container, a lost node, a preempted spot instance) comes back only after the visibility timeout,
+Why a lease (one per GPU task: a stylize step, or one tile of a tiled job): with Redis, a message
+held by a worker that vanished (SIGKILL, an OOM-killed container, a lost node, a preempted spot
+instance) comes back only after the visibility timeout,
 two hours by default. The lease is a key naming its holder with a short expiry (``lease_ttl_s``),
 renewed by a heartbeat thread while the step runs; it lapses within ``lease_ttl_s`` of the
 worker's death, and beat's sweep (scheduler/recovery.py) then sends the step again: another worker
@@ -44,8 +45,8 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "Lease":
-        if not self.control.take_lease(self.job_id, self.holder, self.ttl_s, self.task_id):
-            raise LeaseHeldError(f"job {self.job_id} is running under lease {self.control.lease_holder(self.job_id)}")
+        if not self.control.take_lease(self.task_id, self.holder, self.ttl_s):
+            raise LeaseHeldError(f"{self.task_id} is running under lease {self.control.lease_holder(self.task_id)}")
         self._thread = threading.Thread(target=self._beat, name=f"lease-{self.job_id}", daemon=True)
         self._thread.start()
         return self
@@ -56,7 +57,7 @@ class Lease:
             self._thread.join(timeout=5)
         if not self.lost.is_set():
             try:
-                self.control.drop_lease(self.job_id, self.holder)
+                self.control.drop_lease(self.task_id, self.holder)
             except Exception as err:  # noqa: BLE001 - it expires by itself within ttl_s
                 log.warning("could not drop the lease of %s (%s); it expires in %d s", self.job_id, err, self.ttl_s)
 
@@ -64,7 +65,7 @@ class Lease:
         renewed = time.monotonic()
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                if not self.control.renew_lease(self.job_id, self.holder, self.ttl_s):
+                if not self.control.renew_lease(self.task_id, self.holder, self.ttl_s):
                     self._lose("its lease lapsed or another worker took it")
                     return
                 renewed = time.monotonic()
@@ -81,7 +82,7 @@ class Lease:
         """Still ours? A fresh read, asked right before each write."""
         if self.lost.is_set():
             return False
-        if self.control.lease_holder(self.job_id) != self.holder:
+        if self.control.lease_holder(self.task_id) != self.holder:
             self._lose("another worker holds its lease")
             return False
         return True

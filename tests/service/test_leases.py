@@ -56,7 +56,7 @@ def _long_job(fs: Stack, iterations: int) -> dict:
 def _running_on(fs: Stack, task_id: str):
     """The GPU worker whose lease the job holds now (the lease names its holder's hostname)."""
     def holder():
-        lease = JobControl(fs.app).lease_holder(task_id.split(".", 1)[0])
+        lease = JobControl(fs.app).lease_holder(task_id)
         return next((w for w in fs.gpu if lease and lease.startswith(w.hostname + "/")), None)
     return wait_for(holder, 60, f"a worker to hold {task_id}'s lease", logs=fs.logs)
 

@@ -1,0 +1,148 @@
+"""Print-size pictures: coarse-to-fine up to a size that fits, then the final size tile by tile.
+
+One GPU cannot hold VGG's activations for a 16-megapixel picture. The job then runs its coarse
+scales as usual (``stylize(..., last_scale=scales - 2)``) and the final scale as overlapping tiles
+(tiles.py), each an ordinary single-scale run on:
+
+* the tile's crop of the content at the final size (the content target: the picture's detail);
+* the same crop of the coarse result scaled up, as its starting image, so that every tile starts
+  from one picture's layout and colours (Gatys et al. 2017 use a coarse result the same way);
+* the style targets of the WHOLE style image at the WHOLE picture's scale (``style_size``), not at
+  the tile's: every tile matches the same Gram matrices, so tiles do not drift apart in colour or
+  texture, and brush strokes keep the size they have in an untiled picture. They are computed once
+  and shared through the target cache (a job's tiles hit it).
+
+Tiles blend with smooth windows; with ``tile_passes`` 2, a second pass over a grid shifted by half
+a tile starts from the blend, which puts the remaining seams where the first pass had tile centres.
+:func:`stylize_tiled` does all of it in one process (``stylequeue run``, tests); the service runs
+each tile as its own GPU task (tasks/tiles.py) and the blend in another.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from stylequeue.engine.config import StyleConfig, style_side
+from stylequeue.engine.images import fit_longest
+from stylequeue.engine.result import Progress, StyleResult
+from stylequeue.engine.targets import TargetCache
+from stylequeue.engine.tensors import to_pil, to_tensor
+from stylequeue.engine.tiles import Tile, TilePlan, blend, crop_pil, plan_tiles, shifted
+from stylequeue.engine.transfer import stylize
+from stylequeue.engine.vgg import VGGFeatures
+from stylequeue.exceptions import ConfigError
+
+
+def final_plan(config: StyleConfig, content_size: tuple[int, int], tile_pass: int = 0) -> TilePlan:
+    """The grid of the final scale for a content of ``content_size`` (pass 1: shifted by half a tile)."""
+    if not config.tile_size:
+        raise ConfigError("the job is not tiled: set tile_size")
+    width, height = fit_longest(content_size, config.size)
+    plan = plan_tiles(width, height, config.tile_size, config.tile_overlap)
+    return shifted(plan) if tile_pass == 1 else plan
+
+
+def tile_config(config: StyleConfig, tile: Tile) -> StyleConfig:
+    """What one tile runs: a single scale at the tile's own size, from a given image, with the style
+    at the whole picture's scale."""
+    return config.replace(size=max(tile.width, tile.height), scales=1, init="image",
+                          style_size=style_side(config, config.size), tile_size=0)
+
+
+def tile_inputs(content: Image.Image, start: Image.Image, plan: TilePlan, tile: Tile) -> tuple[Image.Image, Image.Image]:
+    """(content crop, starting crop) of ``tile``: both images scaled to the final size first.
+
+    ``start`` is the coarse result (first pass) or the previous pass's blend, at any size.
+    """
+    full = (plan.width, plan.height)
+    content_full = content.convert("RGB").resize(full, Image.Resampling.LANCZOS) if content.size != full else content
+    start_full = start.convert("RGB").resize(full, Image.Resampling.BICUBIC) if start.size != full else start
+    return crop_pil(content_full, tile), crop_pil(start_full, tile)
+
+
+def run_tile(
+    content: Image.Image,
+    styles: Sequence[Image.Image],
+    config: StyleConfig,
+    plan: TilePlan,
+    tile: Tile,
+    start: Image.Image,
+    *,
+    model: VGGFeatures,
+    target_cache: TargetCache | None = None,
+    **stylize_options: object,
+) -> StyleResult:
+    """One tile of the final scale (see the module docstring); what a service tile task runs."""
+    content_crop, start_crop = tile_inputs(content, start, plan, tile)
+    return stylize(content_crop, styles, tile_config(config, tile), model=model, init_image=start_crop,
+                   target_cache=target_cache, **stylize_options)  # type: ignore[arg-type]
+
+
+def blend_tiles(plan: TilePlan, images: Sequence[Image.Image]) -> Image.Image:
+    """The tiles' pictures (in ``plan.tiles`` order) blended into the whole picture."""
+    if len(images) != len(plan.tiles):
+        raise ConfigError(f"{len(images)} tile pictures for a plan of {len(plan.tiles)} tiles")
+    tensors = [(tile, to_tensor(image, torch.device("cpu"))) for tile, image in zip(plan.tiles, images)]
+    return to_pil(blend(tensors, plan))
+
+
+def stylize_tiled(
+    content: Image.Image,
+    styles: Sequence[Image.Image],
+    config: StyleConfig,
+    *,
+    model: VGGFeatures,
+    callback: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    target_cache: TargetCache | None = None,
+) -> StyleResult:
+    """The whole tiled job in this process: coarse scales, then every tile of every pass, blended."""
+    from stylequeue.engine.targets import LruTargetCache
+
+    config.validate()
+    started = time.perf_counter()
+    cache = target_cache if target_cache is not None else LruTargetCache()  # one style target for all tiles
+    total = config.iterations * (config.scales - 1 + config.tile_passes * len(final_plan(config, content.size).tiles))
+    done = 0
+
+    def relay(offset: int, tile: int | None, tiles: int) -> Callable[[Progress], None] | None:
+        if callback is None:
+            return None
+        return lambda p: callback(replace(p, iteration=offset + p.iteration, total=total, tile=tile, tiles=tiles,
+                                          num_scales=config.scales))
+
+    history: list[dict[str, object]] = []
+    start = content
+    if config.scales > 1:
+        coarse = stylize(content, styles, config, model=model, last_scale=config.scales - 2, callback=relay(0, None, 0),
+                         should_stop=should_stop, target_cache=cache)
+        history += coarse.history
+        done = coarse.state.iteration if coarse.state else 0
+        start = coarse.image
+        if coarse.stopped:
+            return _result(coarse.image, config, history, started, coarse, stopped=True)
+    for tile_pass in range(config.tile_passes):
+        plan = final_plan(config, content.size, tile_pass)
+        pictures = []
+        for tile in plan.tiles:
+            result = run_tile(content, styles, config, plan, tile, start, model=model, target_cache=cache,
+                              callback=relay(done, tile.index, len(plan.tiles)), should_stop=should_stop)
+            pictures.append(result.image)
+            done += config.iterations
+            if result.stopped:
+                return _result(start, config, history, started, result, stopped=True)
+        start = blend_tiles(plan, pictures)
+    return _result(start, config, history, started, result, stopped=False)
+
+
+def _result(image: Image.Image, config: StyleConfig, history: list, started: float, last: StyleResult,
+            *, stopped: bool) -> StyleResult:
+    """The whole picture's result: the coarse scales' history, the device and precision tiles ran at."""
+    return StyleResult(image=image, config=config, history=history,
+                       timings={"total_s": round(time.perf_counter() - started, 4)}, device=last.device,
+                       precision=last.precision, stopped=stopped, state=None, weights_info=last.weights_info)

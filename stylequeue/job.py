@@ -16,6 +16,7 @@ Output layout under the job's prefix (``output``, default ``<storage_root>/jobs/
     previews/it<NNNNNN>-t<unix>.png       every N iterations; the time lets beat expire them
     checkpoint.pt                         optimiser state, for resuming a redelivered job
     work/step<NN>.json, work/final.png    what chain steps hand each other (removed on publish)
+    work/tiles/p<P>/t<NNNN>.{png,pt,json} a tiled job's tiles: picture, checkpoint, record
 """
 
 from __future__ import annotations
@@ -215,6 +216,13 @@ class JobSpec(BaseModel):
     def output_prefix(self, settings: "Settings") -> str:
         return self.output or f"{settings.resolved_storage_root}/jobs/{self.job_id}"
 
+    def stages(self) -> tuple[int, int]:
+        """(stylize steps, tile passes): a tiled job's final scale is its tiles, not a step."""
+        config = self.style_config()
+        if config.tile_size:
+            return config.scales - 1, config.tile_passes
+        return config.scales, 0
+
     def cadence(self, settings: "Settings") -> tuple[int, int]:
         """(preview_every, checkpoint_every): the job's own, else the deployment's."""
         preview = settings.preview_every if self.preview_every is None else self.preview_every
@@ -236,11 +244,6 @@ def _check_engine_inputs(spec: JobSpec) -> None:
     config = spec.style_config()
     if config.init == "image":
         raise ValueError("params.init 'image' needs an initial image, which a job cannot give; use 'content' or 'noise'")
-    if config.tile_size:
-        # The engine tiles (stylequeue run --tile-size); spreading one job's tiles over the
-        # fleet (one GPU task per tile) is not built yet, and running them untiled would not fit.
-        raise ValueError("params.tile_size: tiled jobs are not run by the service yet; run them with "
-                         "`stylequeue run --tile-size N`, or leave tile_size out")
     blend = config.style_blend_weights
     if blend is not None and len(blend) != len(spec.styles):
         raise ValueError(
@@ -325,6 +328,21 @@ class JobPaths:
 
     def step_metadata(self, step: int) -> str:
         return f"{self.prefix}/work/step{step:02d}.json"
+
+    # A tiled job's final scale: one picture, checkpoint and record per tile and pass.
+    def tile_image(self, tile_pass: int, index: int) -> str:
+        return f"{self.prefix}/work/tiles/p{tile_pass}/t{index:04d}.png"
+
+    def tile_checkpoint(self, tile_pass: int, index: int) -> str:
+        return f"{self.prefix}/work/tiles/p{tile_pass}/t{index:04d}.pt"
+
+    def tile_metadata(self, tile_pass: int, index: int) -> str:
+        return f"{self.prefix}/work/tiles/p{tile_pass}/t{index:04d}.json"
+
+    @property
+    def work(self) -> str:
+        """Everything the chain's tasks hand each other (removed on publish)."""
+        return f"{self.prefix}/work/"
 
 
 __all__ = ["CONTENT_TYPES", "JobPaths", "JobSpec", "JobStatus", "MAX_STYLES", "format_errors"]

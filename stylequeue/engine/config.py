@@ -275,6 +275,11 @@ def _check_numbers(cfg: StyleConfig) -> None:
     if cfg.style_size is not None:
         _check_int("style_size", cfg.style_size, MIN_STYLE_SIDE, MAX_SIZE)
     if cfg.tile_size:
+        if cfg.scales < 2:
+            raise ConfigError(
+                "a tiled picture starts from a coarse picture of the whole: set scales to 2 or more "
+                "(min_size: a size that fits untiled)"
+            )
         _check_int("tile_size", cfg.tile_size, MIN_TILE, MAX_SIZE)
         _check_int("tile_overlap", cfg.tile_overlap, 0, cfg.tile_size // 3)
         _check_int("tile_passes", cfg.tile_passes, 1, 2)

@@ -116,16 +116,14 @@ def stylize_tiled(
         return lambda p: callback(replace(p, iteration=offset + p.iteration, total=total, tile=tile, tiles=tiles,
                                           num_scales=config.scales))
 
-    history: list[dict[str, object]] = []
-    start = content
-    if config.scales > 1:
-        coarse = stylize(content, styles, config, model=model, last_scale=config.scales - 2, callback=relay(0, None, 0),
-                         should_stop=should_stop, target_cache=cache)
-        history += coarse.history
-        done = coarse.state.iteration if coarse.state else 0
-        start = coarse.image
-        if coarse.stopped:
-            return _result(coarse.image, config, history, started, coarse, stopped=True)
+    # The coarse scales (a tiled config has at least two scales), as an untiled job runs them.
+    coarse = stylize(content, styles, config, model=model, last_scale=config.scales - 2, callback=relay(0, None, 0),
+                     should_stop=should_stop, target_cache=cache)
+    history = list(coarse.history)
+    done = coarse.state.iteration if coarse.state else 0
+    start = coarse.image
+    if coarse.stopped:
+        return _result(coarse.image, config, history, started, coarse, stopped=True)
     for tile_pass in range(config.tile_passes):
         plan = final_plan(config, content.size, tile_pass)
         pictures = []

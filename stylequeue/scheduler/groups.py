@@ -118,7 +118,7 @@ def submit_group(
     if not any(new for _, new in claimed):
         return group  # the whole group was submitted before
     header = [
-        build_chain(app, spec, len(handle.task_ids) - 2, handle.task_ids)
+        build_chain(app, spec, handle.task_ids)
         for spec, handle in zip(specs, handles)
     ]
     info = {"group_id": group_id, "sheet_uri": sheet_uri, "tile": tile}

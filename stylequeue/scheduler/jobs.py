@@ -36,7 +36,7 @@ from celery.result import AsyncResult
 from stylequeue.exceptions import JobFailedError, JobSpecError, JobTimeoutError, StyleQueueError
 from stylequeue.job import JobPaths, JobSpec, JobStatus
 from stylequeue.settings import Settings
-from stylequeue.tasks.app import TASK_PUBLISH, TASK_STYLIZE, TASK_VALIDATE, settings_of
+from stylequeue.tasks.app import TASK_PUBLISH, TASK_STYLIZE, TASK_TILES, TASK_VALIDATE, settings_of
 from stylequeue.tasks.control import JobControl
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,11 @@ def default_app() -> Celery:
     return app
 
 
-def task_ids(job_id: str, steps: int) -> list[str]:
-    """The chain's task ids in order: validate, stylize.0 .. stylize.<n-1>, publish."""
-    return [f"{job_id}.validate", *(f"{job_id}.stylize.{k}" for k in range(steps)), f"{job_id}.publish"]
+def task_ids(job_id: str, steps: int, passes: int = 0) -> list[str]:
+    """The chain's task ids in order: validate, stylize.0 .. stylize.<n-1>, a tiled job's planner
+    of each pass (tiles.<p>: its tiles get ids when it plans them, tasks/tiles.py), publish."""
+    return [f"{job_id}.validate", *(f"{job_id}.stylize.{k}" for k in range(steps)),
+            *(f"{job_id}.tiles.{p}" for p in range(passes)), f"{job_id}.publish"]
 
 
 def parse_spec(spec: JobSpec | Mapping[str, Any] | str | bytes, settings: Settings | None = None) -> JobSpec:
@@ -63,25 +65,23 @@ def parse_spec(spec: JobSpec | Mapping[str, Any] | str | bytes, settings: Settin
     return JobSpec.parse(data, settings)
 
 
-def build_chain(app: Celery, spec: JobSpec, steps: int, ids: list[str]) -> Signature:
+def build_chain(app: Celery, spec: JobSpec, ids: list[str]) -> Signature:
     """The job's chain; every signature is immutable: each task gets the spec message itself."""
     message = spec.message()
     # Explicit even for the default: a task sent by name from a producer does not get
     # task_default_priority (only tasks sent from inside a worker do), so it would land at 0.
     priority = spec.priority if spec.priority is not None else app.conf.task_default_priority
     options = {"priority": priority}
-    names = [TASK_VALIDATE, *([TASK_STYLIZE] * steps), TASK_PUBLISH]
-    kwargs: list[dict[str, Any]] = [{}, *({"step": k} for k in range(steps)), {}]
+    steps, passes = spec.stages()
+    names = [TASK_VALIDATE, *([TASK_STYLIZE] * steps), *([TASK_TILES] * passes), TASK_PUBLISH]
+    kwargs: list[dict[str, Any]] = [{}, *({"step": k} for k in range(steps)),
+                                    *({"tile_pass": p} for p in range(passes)), {}]
     return chain(
         *(
             app.signature(name, args=(message,), kwargs=kw, immutable=True).set(task_id=tid, **options)
             for name, kw, tid in zip(names, kwargs, ids)
         )
     )
-
-
-def _steps(spec: JobSpec) -> int:
-    return spec.style_config().scales
 
 
 @dataclass
@@ -101,13 +101,20 @@ class JobHandle:
     def _results(self) -> list[AsyncResult]:
         return [AsyncResult(tid, app=self.app) for tid in self.task_ids]
 
+    def tile_ids(self) -> dict[int, list[str]]:
+        """A tiled job's tile task ids by pass, as far as its passes have been planned."""
+        planned = JobControl(self.app).tiles(self.job_id) if any(".tiles." in t for t in self.task_ids) else {}
+        return {int(p): list(rec["task_ids"]) for p, rec in planned.items()}
+
     def status(self) -> JobStatus:
         """One JobStatus from the states of the chain's tasks (and the cancel flag)."""
         results = self._results()
         states = [r.state for r in results]
         if states[-1] == "SUCCESS":
             return JobStatus.SUCCEEDED
-        for result, state in zip(results, states):
+        tiles = [AsyncResult(t, app=self.app) for ids in self.tile_ids().values() for t in ids]
+        tile_states = [r.state for r in tiles]
+        for result, state in zip(results + tiles, states + tile_states):
             if state == "FAILURE":
                 timed_out = isinstance(result.result, (JobTimeoutError, TimeLimitExceeded))
                 return JobStatus.TIMED_OUT if timed_out else JobStatus.FAILED
@@ -115,6 +122,9 @@ class JobHandle:
         running = [i for i, s in enumerate(states) if s in _RUNNING_STATES]
         # REVOKED without our cancel flag is Celery terminating a task whose broker connection
         # was lost: its message goes back to the queue and runs again, so the job is not over.
+        # (A tiled pass's planner stays STARTED while its tiles run: the tiles say whether they stopped.)
+        if tiles and cancelled and "REVOKED" in tile_states:
+            return JobStatus.CANCELLED
         if cancelled and ("REVOKED" in states or not running):
             return JobStatus.CANCELLED  # stopped, or cancelled while queued (dropped on pickup)
         if running:
@@ -125,11 +135,34 @@ class JobHandle:
         return JobStatus.QUEUED
 
     def progress(self) -> dict[str, Any] | None:
-        """The running stylize step's latest PROGRESS meta (iteration, total, losses, eta_s)."""
+        """The running step's latest PROGRESS meta (iteration, total, losses, eta_s); during a
+        tiled job's tiles, the whole job's count with ``tiles_done`` of ``tiles_total``."""
+        tile_ids = self.tile_ids()
+        if tile_ids and AsyncResult(self.task_ids[-2], app=self.app).state != "SUCCESS":
+            return self._tiles_progress(tile_ids)
         for result in reversed(self._results()[1:-1]):
             if result.state == "PROGRESS" and isinstance(result.info, dict):
                 return dict(result.info)
         return None
+
+    def _tiles_progress(self, tile_ids: dict[int, list[str]]) -> dict[str, Any] | None:
+        tile_pass = max(tile_ids)
+        results = [AsyncResult(t, app=self.app) for t in tile_ids[tile_pass]]
+        metas = [r.info for r in results if r.state == "PROGRESS" and isinstance(r.info, dict)]
+        done = sum(r.state == "SUCCESS" for r in results)
+        if not metas and not done:
+            return None
+        latest = dict(max(metas, key=lambda m: m.get("updated_at", 0))) if metas else {}
+        per_tile = int(latest.get("total") or 0)  # a tile runs the job's iterations once
+        steps = len(self.task_ids) - 2 - len([t for t in self.task_ids if ".tiles." in t])
+        passes = len([t for t in self.task_ids if ".tiles." in t])
+        total_tiles = len(tile_ids[tile_pass])
+        iteration = per_tile * (steps + tile_pass * total_tiles + done) + sum(int(m["iteration"]) for m in metas)
+        speed = sum(float(m.get("its_per_s") or 0) for m in metas)
+        total = per_tile * (steps + passes * total_tiles)
+        return {**latest, "job_id": self.job_id, "iteration": iteration, "total": total,
+                "tile_pass": tile_pass, "tiles_done": done, "tiles_total": total_tiles,
+                "eta_s": (total - iteration) / speed if speed else None}
 
     def error(self) -> str | None:
         """Why the job failed or was cancelled, in words; None otherwise."""
@@ -201,7 +234,7 @@ def submit(spec: JobSpec | Mapping[str, Any] | str | bytes, *, app: Celery | Non
     job = parse_spec(spec, settings_of(app))
     handle, new = _claim(app, job, replace=replace)
     if new:
-        build_chain(app, job, len(handle.task_ids) - 2, handle.task_ids).apply_async()
+        build_chain(app, job, handle.task_ids).apply_async()
     return handle
 
 
@@ -209,7 +242,7 @@ def _claim(app: Celery, job: JobSpec, *, replace: bool = False) -> tuple[JobHand
     """Claim the job id (and its output prefix); (handle, True) when this caller must queue the chain."""
     settings: Settings = settings_of(app)
     paths = JobPaths.for_spec(job, settings)
-    ids = task_ids(job.job_id, _steps(job))
+    ids = task_ids(job.job_id, *job.stages())
     record = {"task_ids": ids, "result_uri": paths.result, "metadata_uri": paths.metadata,
               "checkpoint_uri": paths.checkpoint, "spec_digest": job.digest(), "submitted_at": time.time()}
     control = JobControl(app)

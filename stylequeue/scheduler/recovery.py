@@ -7,7 +7,7 @@ broke (a Redis restart at the wrong millisecond, see :mod:`stylequeue.tasks.sent
 is gone, and its job would wait forever. The sweep finds such jobs and sends the message again.
 
 For each job that has not ended (``JobControl.active_jobs``), the task the job waits on is the
-first in its chain that has not succeeded. That task's message must be somewhere: in a queue
+first in its chain that has not succeeded (for a tiled pass: its first unfinished tile). That task's message must be somewhere: in a queue
 list or in ``unacked`` (read in one transaction, :func:`task_ids_on_broker`). A message missing
 from both for longer than ``recover_after_s`` (default: the visibility timeout, which exceeds the
 longest job) is lost, not merely in transit, and is sent again from its remembered copy, with
@@ -113,34 +113,34 @@ class Recovery:
         dead: list[tuple[str, str]] = []
         for job_id in jobs:
             waiting = self._waiting(job_id)
-            waiting_on = waiting[0] if waiting else None
-            if waiting is None:
+            if not waiting:
                 self.control.untrack(job_id)
                 report.ended += 1
-            elif waiting_on not in queued and self._lease_lapsed(job_id, *waiting):
-                dead.append((job_id, waiting[0]))
-            elif waiting_on in present:
-                self.control.clear_missing(waiting_on)
-                report.on_broker += 1
-            elif (now := self.now()) - self.control.missing_since(waiting_on, now) < self.grace_s:
-                report.missing += 1
-            else:
-                lost.append((job_id, waiting_on))
+            for waiting_on, state in waiting:
+                if waiting_on not in queued and self._lease_lapsed(waiting_on, state):
+                    dead.append((job_id, waiting_on))
+                elif waiting_on in present:
+                    self.control.clear_missing(waiting_on)
+                    report.on_broker += 1
+                elif (now := self.now()) - self.control.missing_since(waiting_on, now) < self.grace_s:
+                    report.missing += 1
+                else:
+                    lost.append((job_id, waiting_on))
         if not lost and not dead:
             return
         # Look once more before acting: a message that moved between reads is not lost, and a
         # step whose worker took the lease again meanwhile is not dead.
         queued, taken = self.queued_and_taken()
         for job_id, task_id in lost:
-            if task_id in queued | taken or self._waiting_on(job_id) != task_id:
+            if task_id in queued | taken or task_id not in self._waiting_on(job_id):
                 self.control.clear_missing(task_id)
                 report.on_broker += 1
             else:
                 self._recover(job_id, task_id, report, f"was on no queue for over {self.grace_s} s",
                               f"the broker lost the message of {task_id}", "it was lost")
         for job_id, task_id in dead:
-            waiting = self._waiting(job_id)
-            if task_id in queued or waiting is None or not self._lease_lapsed(job_id, *waiting):
+            state = dict(self._waiting(job_id)).get(task_id)
+            if task_id in queued or state is None or not self._lease_lapsed(task_id, state):
                 report.on_broker += 1
                 continue
             # Marked unleased until a worker starts the step again: a re-sent message that waits
@@ -154,25 +154,33 @@ class Recovery:
     def grace_s(self) -> int:
         return self.settings.resolved_recover_after_s
 
-    def _waiting_on(self, job_id: str) -> str | None:
-        waiting = self._waiting(job_id)
-        return waiting[0] if waiting else None
+    def _waiting_on(self, job_id: str) -> list[str]:
+        return [task_id for task_id, _ in self._waiting(job_id)]
 
-    def _waiting(self, job_id: str) -> tuple[str, str] | None:
-        """(the task id whose message the job needs next, its state), or None when the job ended."""
+    def _waiting(self, job_id: str) -> list[tuple[str, str]]:
+        """(task id, state) of each task whose message the job needs now: the first of its chain
+        that has not succeeded, or a tiled pass's unfinished tiles (they run at once); [] when the
+        job has ended."""
         record = self.control.record(job_id)
         if record is None:
-            return None  # expired with the results, or released for a resubmission
+            return []  # expired with the results, or released for a resubmission
         handle = JobHandle.from_record(self.app, job_id, record)
         if handle.status().is_finished:
-            return None
+            return []
+        tile_ids = handle.tile_ids()
         for task_id in handle.task_ids:
             state = AsyncResult(task_id, app=self.app).state
-            if state != "SUCCESS":
-                return task_id, state
-        return None
+            if state == "SUCCESS":
+                continue
+            # A tiled pass's planner became a chord: the job waits on its tiles (each a message
+            # of its own, leased while it runs), then on the blend under the planner's id.
+            tile_pass = int(task_id.rsplit(".", 1)[1]) if ".tiles." in task_id else None
+            tiles = [(t, AsyncResult(t, app=self.app).state) for t in tile_ids.get(tile_pass, [])] if tile_pass is not None else []
+            unfinished = [(t, st) for t, st in tiles if st != "SUCCESS"]
+            return unfinished or [(task_id, state)]
+        return []
 
-    def _lease_lapsed(self, job_id: str, task_id: str, state: str) -> bool:
+    def _lease_lapsed(self, task_id: str, state: str) -> bool:
         """A step a worker ran under a lease, with no lease now: its worker died."""
         return (state in RUNNING and self.control.was_leased(task_id)
                 and self.control.lease_holder(task_id) is None)

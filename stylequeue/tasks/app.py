@@ -28,15 +28,21 @@ from stylequeue.tasks.sent import RecordingAMQP
 TASK_VALIDATE = "stylequeue.validate"
 TASK_STYLIZE = "stylequeue.stylize"
 TASK_PUBLISH = "stylequeue.publish"
+# A tiled job's final scale (tasks/tiles.py): plan the tiles, run each on a GPU, blend them.
+TASK_TILES = "stylequeue.tiles"
+TASK_TILE = "stylequeue.tile"
+TASK_BLEND = "stylequeue.blend"
 TASK_CONTACT_SHEET = "stylequeue.contact_sheet"
 TASK_SCAN_MANIFESTS = "stylequeue.scan_manifests"
 TASK_EXPIRE_PREVIEWS = "stylequeue.expire_previews"
 TASK_RECOVER = "stylequeue.recover"
 # The messages of a job (and a batch's sheet): remembered when sent, re-sent if the broker loses one.
-JOB_TASKS = frozenset({TASK_VALIDATE, TASK_STYLIZE, TASK_PUBLISH, TASK_CONTACT_SHEET})
+JOB_TASKS = frozenset({TASK_VALIDATE, TASK_STYLIZE, TASK_PUBLISH, TASK_CONTACT_SHEET, TASK_TILES, TASK_TILE,
+                       TASK_BLEND})
 
 # What a worker imports to know every task above.
-TASK_MODULES = ("stylequeue.tasks.chain", "stylequeue.tasks.sheet", "stylequeue.scheduler.beat")
+TASK_MODULES = ("stylequeue.tasks.chain", "stylequeue.tasks.tiles", "stylequeue.tasks.sheet",
+                "stylequeue.scheduler.beat")
 
 # Redis emulates priorities with one list per step; 0 is served first (the opposite of AMQP).
 PRIORITY_STEPS = list(range(10))
@@ -138,6 +144,9 @@ def _routes(settings: Settings) -> dict[str, dict[str, str]]:
         TASK_VALIDATE: light,
         TASK_STYLIZE: {"queue": settings.gpu_queue, "routing_key": settings.gpu_queue},
         TASK_PUBLISH: light,
+        TASK_TILES: light,
+        TASK_TILE: {"queue": settings.gpu_queue, "routing_key": settings.gpu_queue},
+        TASK_BLEND: light,
         TASK_CONTACT_SHEET: light,
         TASK_SCAN_MANIFESTS: light,
         TASK_EXPIRE_PREVIEWS: light,

@@ -5,22 +5,35 @@
 * :class:`TransientStorageError` is retried with backoff, every other error fails at once;
 * a task past its soft time limit fails as :class:`JobTimeoutError`, in words;
 * :meth:`JobTask.cancel_now` ends a task as REVOKED ("cancelled") and stops its chain.
+
+And what every task of a job first does: re-validate its message, find its paths and storage
+(:func:`load_job`), and see whether the job already completed (:func:`finished_record`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from stylequeue.exceptions import JobTimeoutError, StyleQueueError, TooManyDeliveriesError, TransientStorageError
+from stylequeue.exceptions import (
+    JobTimeoutError,
+    OutputTakenError,
+    StyleQueueError,
+    TooManyDeliveriesError,
+    TransientStorageError,
+)
+from stylequeue.job import JobPaths, JobSpec
 from stylequeue.tasks.app import app, settings_of
 from stylequeue.tasks.control import JobControl
+from stylequeue.worker.resources import resources_for
 
 log = logging.getLogger(__name__)
 settings = settings_of(app)
+resources = resources_for(settings)  # this process's storage, models and caches
 
 CANCELLED_REASON = "cancelled by its producer"
 
@@ -64,3 +77,28 @@ class JobTask(Task):
     def check_cancelled(self, job_id: str) -> None:
         if JobControl(self.app).is_cancelled(job_id):
             self.cancel_now(job_id)
+
+
+def load_job(message: dict[str, Any]) -> tuple[JobSpec, JobPaths, Any]:
+    """The spec (re-validated here, allow-list included: a worker trusts no message), its paths
+    and this process's storage."""
+    spec = JobSpec.parse(message, settings)
+    return spec, JobPaths.for_spec(spec, settings), resources.storage
+
+
+def finished_record(store: Any, paths: JobPaths, spec: JobSpec) -> dict[str, Any] | None:
+    """The published result.json when this job already completed (idempotent job ids).
+
+    Another job's result.json under this prefix is never taken for this one's: the job fails
+    instead of "succeeding" with a picture it did not make, or overwriting one it did not own.
+    """
+    if not store.exists(paths.metadata):
+        return None
+    record = json.loads(store.get_bytes(paths.metadata))
+    if record.get("job_id") != spec.job_id or record.get("spec_digest", spec.digest()) != spec.digest():
+        raise OutputTakenError(
+            f"{paths.metadata} holds the result of job {record.get('job_id')!r}"
+            f"{'' if record.get('job_id') != spec.job_id else ' under another spec'}, not of this job "
+            f"{spec.job_id}: its output prefix is another job's; resubmit with an output of its own"
+        )
+    return record

@@ -244,6 +244,19 @@ class JobControl:
             return job_id
         return self.store.get(key) or job_id  # (expired between the two calls: nobody holds it)
 
+    def record_tiles(self, job_id: str, tile_pass: int, plan: dict[str, Any], task_ids: Sequence[str]) -> None:
+        """Note a tiled pass's plan and tile task ids (known once the content's size is)."""
+        self.store.put(f"{KEY_PREFIX}tiles-{job_id}-p{tile_pass}", json.dumps({"plan": plan, "task_ids": list(task_ids)}))
+
+    def tiles(self, job_id: str, passes: int = 2) -> dict[str, dict[str, Any]]:
+        """{pass: {"plan", "task_ids"}} of the passes planned so far."""
+        out = {}
+        for tile_pass in range(passes):
+            raw = self.store.get(f"{KEY_PREFIX}tiles-{job_id}-p{tile_pass}")
+            if raw:
+                out[str(tile_pass)] = json.loads(raw)
+        return out
+
     def record(self, job_id: str) -> dict[str, Any] | None:
         """The record stored when ``job_id`` was submitted, or None for an unknown id."""
         raw = self.store.get(f"{KEY_PREFIX}job-{job_id}")

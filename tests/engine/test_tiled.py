@@ -52,11 +52,14 @@ def test_a_tile_is_a_single_scale_run_from_the_coarse_picture(model_avg: VGGFeat
 
 
 def test_tiling_settings_are_checked() -> None:
+    two = dict(scales=2, min_size=64)
+    with pytest.raises(ConfigError, match="starts from a coarse picture of the whole: set scales to 2"):
+        preset("default", tile_size=96)
     with pytest.raises(ConfigError, match="tile_size must be a whole number from 64"):
-        preset("default", tile_size=32)
+        preset("default", tile_size=32, **two)
     with pytest.raises(ConfigError, match="tile_overlap must be a whole number from 0 to 32"):
-        preset("default", tile_size=96, tile_overlap=40)  # at most a third: no pixel in three tiles
+        preset("default", tile_size=96, tile_overlap=40, **two)  # at most a third: no pixel in three tiles
     with pytest.raises(ConfigError, match="tile_passes"):
-        preset("default", tile_size=96, tile_overlap=24, tile_passes=3)
+        preset("default", tile_size=96, tile_overlap=24, tile_passes=3, **two)
     with pytest.raises(ConfigError, match="not tiled"):
         final_plan(preset("default"), (100, 100))

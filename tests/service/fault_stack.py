@@ -84,6 +84,11 @@ class Stack:
             out.extend(obj["Key"] for obj in page.get("Contents", []))
         return out
 
+    def all_versions(self, prefix: str) -> list[str]:
+        """The key of every version written under ``prefix`` (the bucket is versioned), deleted ones too."""
+        pages = self.s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [v["Key"] for page in pages for v in page.get("Versions", [])]
+
     def versions(self, uri: str) -> int:
         """How many times ``uri`` was written (the bucket is versioned)."""
         bucket, key = split_s3(uri)

@@ -259,7 +259,7 @@ def _submit_with_limits(fs: Stack, soft: float | None, hard: float) -> JobHandle
     """A job whose stylize step runs under its own (short) Celery time limits."""
     spec = JobSpec.parse(_spec(fs, iterations=100_000), fs.settings)
     ids = task_ids(spec.job_id, 1)
-    work = build_chain(fs.app, spec, 1, ids)
+    work = build_chain(fs.app, spec, ids)
     limits = {"time_limit": hard, **({"soft_time_limit": soft} if soft else {})}
     work.tasks[1].set(**limits)
     work.apply_async()

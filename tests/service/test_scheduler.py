@@ -102,7 +102,7 @@ def test_chain_carries_the_job_priority_and_derived_task_ids(service, images) ->
                           "priority": 1, "params": {"scales": 3, "size": 64, "min_size": 16}})
     ids = task_ids("prio", 3)
     assert ids == ["prio.validate", "prio.stylize.0", "prio.stylize.1", "prio.stylize.2", "prio.publish"]
-    tasks = build_chain(service.app, spec, 3, ids).tasks
+    tasks = build_chain(service.app, spec, ids).tasks
     assert [t.task for t in tasks] == ["stylequeue.validate", *["stylequeue.stylize"] * 3, "stylequeue.publish"]
     assert all(t.options["priority"] == 1 and t.immutable for t in tasks)
     assert [t.kwargs.get("step") for t in tasks] == [None, 0, 1, 2, None]
@@ -213,7 +213,7 @@ def test_chain_steps_carry_the_default_priority_unless_the_spec_sets_one(tmp_pat
 
     app = make_app(load_settings(environ={"STYLEQUEUE_DATA_DIR": str(tmp_path)}))
     base = {"content": "s3://b/c.png", "styles": ["s3://b/s.png"], "job_id": "prio"}
-    default = build_chain(app, JobSpec.parse(base), 1, task_ids("prio", 1))
+    default = build_chain(app, JobSpec.parse(base), task_ids("prio", 1))
     assert [sig.options["priority"] for sig in default.tasks] == [app.conf.task_default_priority] * 3
-    urgent = build_chain(app, JobSpec.parse({**base, "priority": 0}), 1, task_ids("prio", 1))
+    urgent = build_chain(app, JobSpec.parse({**base, "priority": 0}), task_ids("prio", 1))
     assert [sig.options["priority"] for sig in urgent.tasks] == [0, 0, 0]

@@ -80,6 +80,9 @@ class Settings:
     weights_convention: str = ""
     weights_cache_dir: str = ""
     max_pixels: int = 4096 * 4096
+    # The memory of one GPU worker's device (MB). A job too large for it is tiled at submit
+    # (its final scale as tiles spread over the fleet, docs/tiles.md); 0: only jobs that ask.
+    worker_memory_mb: int = 0
     device: str = "auto"
 
     # Throughput (docs/throughput.md). batch_max > 1 runs that many compatible jobs as one batch

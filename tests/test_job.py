@@ -126,3 +126,21 @@ def test_job_status() -> None:
     assert finished == {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMED_OUT}
     assert not {JobStatus.VALIDATING, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PUBLISHING} & finished
     assert JobStatus("succeeded") is JobStatus.SUCCEEDED and JobStatus.SUCCEEDED == "succeeded"
+
+
+def test_a_job_too_large_for_one_worker_is_tiled_at_submit() -> None:
+    """job.fit_to_fleet: by the memory model, for the deployment's worker_memory_mb."""
+    from stylequeue.engine.memory import largest_side
+    from stylequeue.job import fit_to_fleet
+
+    settings = Settings(worker_memory_mb=64, device="cpu", allowed_prefixes="s3://in/")
+    layers = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+    fit = largest_side(layers, 64 * 2**20, dtype_bytes=4)
+    small = JobSpec.parse(spec(params={"size": fit}))
+    assert fit_to_fleet(small, settings) is small  # fits: untouched
+    big = fit_to_fleet(JobSpec.parse(spec(params={"size": 4 * fit})), settings)
+    params = big.params
+    assert params["tile_size"] <= fit and params["tile_overlap"] <= params["tile_size"] // 3
+    assert params["scales"] == 2 and params["min_size"] <= fit and big.stages() == (1, 1)
+    assert fit_to_fleet(big, settings).params == params  # the same submission is tiled the same way
+    assert fit_to_fleet(JobSpec.parse(spec(params={"size": 4 * fit})), Settings()).params == {"size": 4 * fit}

@@ -1,17 +1,16 @@
-"""How many images of a size fit on the GPU at once: a pure estimate, then the device's free memory.
+"""How many images of a size fit on a GPU at once, and the largest size that fits: pure estimates
+(no torch: the scheduler sizes a job's tiles with them before anything is queued).
 
 The estimate counts the activations the truncated VGG19 keeps for its backward pass (every
 module's output up to the deepest layer the losses read), the gradient buffers of the widest
 layer, float32 copies the losses make, and the per-image optimiser tensors. cuDNN workspaces
 and allocator fragmentation are not modelled: SAFETY leaves room for them, and an
-out-of-memory error halves the batch (see batch.stylize_many).
+out-of-memory error halves the batch (see transfer.stylize_many) or splits a tile (tiled.py).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
-
-import torch
 
 from stylequeue.engine.network import VGG19, Network
 
@@ -46,13 +45,18 @@ def max_batch(free_bytes: int, per_image_bytes: int, *, cap: int, safety: float 
     return max(1, min(cap, int(free_bytes * safety) // per_image_bytes))
 
 
-def fit_batch_size(
-    height: int, width: int, layers: Sequence[str], device: torch.device, *, cap: int, dtype_bytes: int = 4,
-    network: Network = VGG19,
+def largest_side(
+    layers: Sequence[str], memory_bytes: int, *, aspect: float = 1.0, dtype_bytes: int = 4,
+    network: Network = VGG19, safety: float = SAFETY,
 ) -> int:
-    """The batch size to run at (height, width) on ``device``: ``cap`` off CUDA, else what fits now."""
-    if device.type != "cuda" or cap <= 1:
-        return max(1, cap)
-    free, _total = torch.cuda.mem_get_info(device)
-    per_image = activation_bytes(height, width, layers, dtype_bytes=dtype_bytes, network=network)
-    return max_batch(free, per_image, cap=cap)
+    """The longest output side (px) one image of ``aspect`` (short / long side) can be optimised at
+    within ``safety`` of ``memory_bytes``: what decides whether a job runs untiled, and its tiles' size."""
+    low, high = 16, 65536
+    while low < high:  # activation_bytes grows with the side: bisect for the last that fits
+        mid = (low + high + 1) // 2
+        short = max(1, round(mid * aspect))
+        if activation_bytes(short, mid, layers, dtype_bytes=dtype_bytes, network=network) <= memory_bytes * safety:
+            low = mid
+        else:
+            high = mid - 1
+    return low

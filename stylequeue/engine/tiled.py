@@ -20,14 +20,15 @@ each tile as its own GPU task (tasks/tiles.py) and the blend in another.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
 
-from stylequeue.engine.config import StyleConfig, style_side
+from stylequeue.engine.config import MIN_TILE, StyleConfig, style_side
 from stylequeue.engine.images import fit_longest
 from stylequeue.engine.result import Progress, StyleResult
 from stylequeue.engine.targets import TargetCache
@@ -36,6 +37,8 @@ from stylequeue.engine.tiles import Tile, TilePlan, blend, crop_pil, plan_tiles,
 from stylequeue.engine.transfer import stylize
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.exceptions import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def final_plan(config: StyleConfig, content_size: tuple[int, int], tile_pass: int = 0) -> TilePlan:
@@ -75,12 +78,40 @@ def run_tile(
     *,
     model: VGGFeatures,
     target_cache: TargetCache | None = None,
-    **stylize_options: object,
+    **stylize_options: Any,
 ) -> StyleResult:
-    """One tile of the final scale (see the module docstring); what a service tile task runs."""
+    """One tile of the final scale (see the module docstring); what a service tile task runs.
+
+    A tile that runs out of device memory (the memory model is an estimate; another process may
+    hold memory) is cut into smaller tiles and run again, rather than failing the job.
+    """
     content_crop, start_crop = tile_inputs(content, start, plan, tile)
-    return stylize(content_crop, styles, tile_config(config, tile), model=model, init_image=start_crop,
-                   target_cache=target_cache, **stylize_options)  # type: ignore[arg-type]
+    return _run_region(content_crop, start_crop, styles, config, model=model, target_cache=target_cache,
+                       **stylize_options)
+
+
+def _run_region(content: Image.Image, start: Image.Image, styles: Sequence[Image.Image], config: StyleConfig, *,
+                model: VGGFeatures, target_cache: TargetCache | None, **stylize_options: Any) -> StyleResult:
+    region = Tile(0, 0, 0, content.width, content.height)
+    try:
+        return stylize(content, styles, tile_config(config, region), model=model, init_image=start,
+                       target_cache=target_cache, **stylize_options)
+    except torch.OutOfMemoryError:
+        side = max(region.width, region.height)
+        if side < 2 * MIN_TILE:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        smaller = plan_tiles(region.width, region.height, max(MIN_TILE, side // 2),
+                             min(config.tile_overlap, max(MIN_TILE, side // 2) // 3))
+        log.warning("a %dx%d tile ran out of device memory; running it as %d smaller tiles", region.width,
+                    region.height, len(smaller.tiles))
+        # The pieces start afresh: a checkpoint of the whole tile does not fit them.
+        options = {k: v for k, v in stylize_options.items() if k not in ("resume", "on_checkpoint")}
+        pieces = [_run_region(crop_pil(content, piece), crop_pil(start, piece), styles, config, model=model,
+                              target_cache=target_cache, **options) for piece in smaller.tiles]
+        whole = blend_tiles(smaller, [p.image for p in pieces])
+        return replace(pieces[-1], image=whole, state=None, stopped=any(p.stopped for p in pieces))
 
 
 def blend_tiles(plan: TilePlan, images: Sequence[Image.Image]) -> Image.Image:

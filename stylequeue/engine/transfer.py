@@ -26,7 +26,8 @@ from stylequeue.engine import color
 from stylequeue.engine.config import BATCH_FREE, StyleConfig, differences
 from stylequeue.engine.device import autocast, forward_of
 from stylequeue.engine.losses import LossTerms, StyleTransferLoss
-from stylequeue.engine.memory import fit_batch_size
+from stylequeue.engine.memory import activation_bytes
+from stylequeue.engine.memory import max_batch as fit_batch
 from stylequeue.engine.objective import Problem, Scale, prepare_scale, set_up, stack_objectives
 from stylequeue.engine.optim import carry_up, make_optimizer, to_cpu
 from stylequeue.engine.result import Progress, StyleResult
@@ -151,7 +152,7 @@ def stylize_many(
     target_cache: TargetCache | None = None,
     last_scale: int | None = None,
 ) -> list[StyleResult]:
-    """stylize_batch() in chunks that fit the GPU: sized by memory.fit_batch_size, halved on OOM.
+    """stylize_batch() in chunks that fit the GPU: sized by memory.max_batch, halved on OOM.
 
     A chunk that runs out of memory is run again from its items' own start (``resume``), so
     its callbacks may see iterations twice; results are unaffected.
@@ -162,8 +163,10 @@ def stylize_many(
     width, height = config.output_sizes(items[0].content.size)[-1]
     layers = [*config.content_layers, *config.style_layers]
     dtype_bytes = 4 if config.precision == "fp32" or device.type != "cuda" else 2
-    size = fit_batch_size(height, width, layers, device, cap=max_batch, dtype_bytes=dtype_bytes,
-                          network=model.network)
+    size = max(1, max_batch)
+    if device.type == "cuda" and max_batch > 1:  # what fits on the device now
+        per_image = activation_bytes(height, width, layers, dtype_bytes=dtype_bytes, network=model.network)
+        size = fit_batch(torch.cuda.mem_get_info(device)[0], per_image, cap=max_batch)
     results: list[StyleResult] = []
     while len(results) < len(items):
         chunk = items[len(results) : len(results) + size]

@@ -34,7 +34,7 @@ from celery.exceptions import TimeLimitExceeded
 from celery.result import AsyncResult
 
 from stylequeue.exceptions import JobFailedError, JobSpecError, JobTimeoutError, StyleQueueError
-from stylequeue.job import JobPaths, JobSpec, JobStatus
+from stylequeue.job import JobPaths, JobSpec, JobStatus, fit_to_fleet
 from stylequeue.settings import Settings
 from stylequeue.tasks.app import TASK_PUBLISH, TASK_STYLIZE, TASK_TILES, TASK_VALIDATE, settings_of
 from stylequeue.tasks.control import JobControl
@@ -60,9 +60,11 @@ def task_ids(job_id: str, steps: int, passes: int = 0) -> list[str]:
 
 def parse_spec(spec: JobSpec | Mapping[str, Any] | str | bytes, settings: Settings | None = None) -> JobSpec:
     """Validate a spec (a JobSpec, a mapping, or its JSON text) before anything is queued: fields,
-    engine settings and, with ``settings``, that every URI lies under the allowed prefixes."""
+    engine settings and, with ``settings``, that every URI lies under the allowed prefixes and
+    that a job too large for one worker is tiled (job.fit_to_fleet)."""
     data = spec.message() if isinstance(spec, JobSpec) else spec
-    return JobSpec.parse(data, settings)
+    job = JobSpec.parse(data, settings)
+    return fit_to_fleet(job, settings) if settings is not None else job
 
 
 def build_chain(app: Celery, spec: JobSpec, ids: list[str]) -> Signature:

@@ -84,11 +84,13 @@ def tile(self: JobTask, message: dict[str, Any], tile_pass: int, index: int, pla
                           target_cache=resources.target_cache(), callback=reporter, should_stop=poller,
                           resume=resume, on_checkpoint=save)
         if result.stopped:
-            run.stopped(poller.reason, lambda: save(result.state))
+            run.stopped(poller.reason, lambda: result.state is not None and save(result.state))
         record = {"pass": tile_pass, "tile": index, "box": list(box.box), "worker": self.request.hostname,
                   "started_from": "resumed" if resume else "fresh",
                   "resumed_from_iteration": resume.iteration if resume else None,
-                  "iterations_done": result.state.iteration if result.state else None,
+                  # No state: the tile ran out of memory and ran as smaller pieces (engine/tiled.py).
+                  "iterations_done": result.state.iteration if result.state else config.iterations,
+                  "split": result.state is None,
                   "timings": result.timings, "seconds": round(time.time() - started, 3),
                   "final_loss": result.history[-1]["loss"] if result.history else None}
         run.write(paths.tile_metadata(tile_pass, index), objects.to_json(record), "application/json")

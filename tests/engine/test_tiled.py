@@ -63,3 +63,31 @@ def test_tiling_settings_are_checked() -> None:
         preset("default", tile_size=96, tile_overlap=24, tile_passes=3, **two)
     with pytest.raises(ConfigError, match="not tiled"):
         final_plan(preset("default"), (100, 100))
+
+
+def test_a_tile_that_runs_out_of_memory_runs_as_smaller_tiles(model_avg: VGGFeatures, monkeypatch) -> None:
+    """The device's memory is what CPU tests cannot have: an optimisation's forward (the one that
+    keeps activations for its backward) past 100 px raises the CUDA out-of-memory error, as a GPU
+    with too little free memory would. (Targets are no_grad forwards, which keep no activations.)"""
+    from stylequeue.engine.tiled import run_tile
+
+    forward = type(model_avg).forward
+
+    def small_device(self, x, *args, **kwargs):
+        if torch.is_grad_enabled() and max(x.shape[-2:]) > 100:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test's 100 px device)")
+        return forward(self, x, *args, **kwargs)
+
+    content, style = make_image(300, 200, seed=5), make_image(64, 64, seed=6)
+    cfg = preset("default", size=300, scales=2, min_size=64, tile_size=192, tile_overlap=32, **FAST)
+    plan = final_plan(cfg, content.size)
+    monkeypatch.setattr(type(model_avg), "forward", small_device)
+    tile = plan.tiles[0]
+    result = run_tile(content, [style], cfg, plan, tile, content, model=model_avg)
+    assert max(tile.width, tile.height) > 100  # it could not run whole on this device
+    assert result.image.size == (tile.width, tile.height) and result.state is None and not result.stopped
+    # A tile already too small to cut (under twice the smallest tile) fails as it is.
+    small = cfg.replace(tile_size=120, tile_overlap=20)
+    small_plan = final_plan(small, content.size)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run_tile(content, [style], small, small_plan, small_plan.tiles[0], content, model=model_avg)

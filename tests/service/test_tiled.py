@@ -116,3 +116,17 @@ def test_a_tile_whose_worker_dies_resumes_from_its_own_checkpoint(fs: Stack) -> 
     assert record["started_from"] == "resumed" and record["resumed_from_iteration"] >= 10, record
     assert record["worker"] != victim.hostname
     assert fs.versions(summary["metadata_uri"]) == 1
+
+
+def test_a_job_past_what_one_worker_holds_is_tiled_by_the_memory_model(fs: Stack) -> None:
+    """No tile settings in the spec: the deployment says its workers hold 64 MB (fp32 on these CPU
+    workers), the memory model says a 256 px picture does not fit, and the job runs as tiles."""
+    from stylequeue.tasks.app import make_app
+
+    app = make_app(fs.settings.replace(worker_memory_mb=64))
+    spec = job_spec(fs.content, fs.style, size=256, iterations=4, loss_norm="relative", style_weight=3.0)
+    job = submit(spec, app=app)
+    assert any(".tiles." in t for t in job.task_ids)
+    meta = fs.get_json(job.wait(timeout=240)["metadata_uri"])
+    assert meta["spec"]["params"]["tile_size"] <= 100 and len(meta["tiles"]) > 1
+    assert Image.open(io.BytesIO(fs.get(meta["result_uri"]))).size == (256, 170)

@@ -187,3 +187,17 @@ def test_gpu_bench_quick_runs_on_cpu(tmp_path: Path):
     assert all(r["s_per_it"] > 0 and r["max_abs_diff_vs_first_run"] <= 2 for r in batch.values())
     assert [r[0] for r in _table_rows(md, "1") + _table_rows(md, "2")] == ["1", "2"]
     assert "RANDOM weights" in md
+
+
+def test_tiles_bench_measures_one_picture_and_reports() -> None:
+    from bench.tiles_bench import one
+    from bench.tiles_report import write_tiles_report
+
+    tiled, untiled = one("tiled", 160, 96, 2), one("untiled", 160, 96, 2)
+    assert tiled["tiles"] == 4 and untiled["tiles"] == 1
+    assert tiled["image"] == untiled["image"] == [160, 106]
+    assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in (tiled, untiled))
+    md = write_tiles_report({"machine": {}, "memory_and_time": [tiled, untiled],
+                             "fleet": [{"workers": 1, "seconds": 4.0, "tiles": 4, "workers_used": 1},
+                                       {"workers": 2, "seconds": 2.5, "tiles": 4, "workers_used": 2}]})
+    assert "| 160 | tiled | 4 |" in md and "1.60x" in md

@@ -151,7 +151,8 @@ def methods(size: int) -> list[Method]:
         Method("seed loop", "tv", None, 2000),
         Method("seed", "tv", preset("seed", size=size, network="vgg16"), 2000),
         Method("gatys", "caffe", preset("gatys", size=size, network="vgg16"), 500),
-        Method("default", "caffe", preset("default", size=size, network="vgg16")),
+        Method("default", "caffe", preset("default", size=size, network="vgg16"),
+               preset("default").iterations),  # its own steps: the picture a user gets
     ]
 
 

@@ -96,7 +96,8 @@ def test_run_writes_image_metadata_and_previews(tmp_path: Path, images: dict[str
     assert cfg["content_weight"] == default.content_weight  # not set: the preset's value
     assert cfg["optimizer"] == default.optimizer and cfg["pooling"] == default.pooling
     assert meta["random_weights"] is True and meta["stopped"] is False
-    assert meta["weights"] == {"source": "random:0", "sha256": None, "random": True, "seed": 0}
+    assert meta["weights"] == {"source": "random:0", "sha256": None, "random": True, "seed": 0,
+                               "network": "vgg19", "convention": "torchvision"}
     assert [h["iteration"] for h in meta["history"]][-1] == 3
     assert all("loss" in h for h in meta["history"])
     assert meta["device"] == "cpu" and "torch" in meta["versions"]

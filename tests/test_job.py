@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from stylequeue.engine.config import StyleConfig
 from stylequeue.exceptions import JobSpecError
 from stylequeue.job import JobPaths, JobSpec, JobStatus
 from stylequeue.settings import Settings
@@ -134,8 +135,8 @@ def test_a_job_too_large_for_one_worker_is_tiled_at_submit() -> None:
     from stylequeue.job import fit_to_fleet
 
     settings = Settings(worker_memory_mb=64, device="cpu", allowed_prefixes="s3://in/")
-    layers = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
-    fit = largest_side(layers, 64 * 2**20, dtype_bytes=4)
+    default = StyleConfig()
+    fit = largest_side([*default.content_layers, *default.style_layers], 64 * 2**20, dtype_bytes=4)
     small = JobSpec.parse(spec(params={"size": fit}))
     assert fit_to_fleet(small, settings) is small  # fits: untouched
     big = fit_to_fleet(JobSpec.parse(spec(params={"size": 4 * fit})), settings)

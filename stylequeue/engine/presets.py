@@ -59,6 +59,10 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
             "content_layer_weights": None,
             "style_layers": RELU_STYLE_LAYERS,
             "style_layer_weights": gatys_style_layer_weights(),
+            # The layer weights carry the paper's alpha/beta = 1e-3 already: no multiplier on top
+            # (before 0.2 this preset inherited style_weight 100, a hundred times the paper's ratio).
+            "content_weight": 1.0,
+            "style_weight": 1.0,
             "tv_weight": 0.0,
             "gram_norm": "chw",
             "loss_norm": "none",
@@ -68,7 +72,8 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
             "scales": 1,
             "ema_decay": 0.0,
         },
-        # StyleConfig's own defaults: Adam in pixel space from the content image.
+        # StyleConfig's own defaults: relative losses at Gatys's layers, Adam in pixel space from
+        # the content image (chosen on real features: see StyleConfig's docstring).
         "default": {},
     }
 )

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+from stylequeue.engine.config import StyleConfig
 from stylequeue.engine.vgg import VGGFeatures
 
 
@@ -35,6 +36,12 @@ def vgg_state_dict() -> dict[str, torch.Tensor]:
 def model_max(vgg_state_dict: dict[str, torch.Tensor]) -> VGGFeatures:
     info = {"source": "random:0", "sha256": None, "random": True, "seed": 0}
     return VGGFeatures.from_weights(_Loaded(vgg_state_dict, info), pooling="max")
+
+
+@pytest.fixture(scope="session")
+def model(model_max: VGGFeatures, model_avg: VGGFeatures) -> VGGFeatures:
+    """The model the ``default`` preset runs on: its pooling, whatever that is."""
+    return {"max": model_max, "avg": model_avg}[StyleConfig().pooling]
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from stylequeue.engine import preset, stylize
+from stylequeue.engine import StyleConfig, preset, stylize
 from stylequeue.engine.network import CONVENTIONS, VGG16, VGG19, recognise
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.engine.weights import load_weights
@@ -47,7 +47,7 @@ def test_caffe_convention_is_bgr_0_255_less_the_mean() -> None:
 
 
 def test_the_config_network_must_be_the_weights(content_image, style_image) -> None:
-    model = VGGFeatures(load_weights("random:1:vgg16").state_dict, pooling="avg")
+    model = VGGFeatures(load_weights("random:1:vgg16").state_dict, pooling=StyleConfig().pooling)
     fast = dict(size=32, iterations=1, content_layers=("relu2_1",), style_layers=("relu1_1",))
     with pytest.raises(ConfigError, match="settings are for vgg19 but the weights are vgg16's"):
         stylize(content_image, [style_image], preset("default", **fast), model=model)

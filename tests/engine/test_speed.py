@@ -51,7 +51,7 @@ def test_inner_loop_has_no_host_device_sync() -> None:
     assert found == []
 
 
-def test_compiled_forward_matches_eager(model_avg: VGGFeatures) -> None:
+def test_compiled_forward_matches_eager(model: VGGFeatures) -> None:
     """Inductor on the CPU here (the same graph CUDA compiles): features and gradients agree.
 
     Slow (~25 s of compilation on two cores); the GPU bench measures whether it pays on CUDA.
@@ -61,7 +61,7 @@ def test_compiled_forward_matches_eager(model_avg: VGGFeatures) -> None:
     layers = ["relu1_1", "relu2_1"]
     image = torch.rand(2, 3, 21, 32, generator=torch.Generator().manual_seed(0))
     grads = []
-    for forward in (forward_of(model_avg, plan), model_avg):
+    for forward in (forward_of(model, plan), model):
         x = image.clone().requires_grad_(True)
         features = forward(x, layers, normalized=False)
         sum(f.pow(2).mean() for f in features.values()).backward()
@@ -70,17 +70,17 @@ def test_compiled_forward_matches_eager(model_avg: VGGFeatures) -> None:
     for name in layers:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-8)
-    assert forward_of(model_avg, plan) is forward_of(model_avg, plan)  # compiled once per model
+    assert forward_of(model, plan) is forward_of(model, plan)  # compiled once per model
 
 
-def test_compile_setting_is_ignored_on_cpu_and_free_for_resume(model_avg: VGGFeatures, content_image,
+def test_compile_setting_is_ignored_on_cpu_and_free_for_resume(model: VGGFeatures, content_image,
                                                                 style_image) -> None:
     fast = dict(size=32, iterations=2, content_layers=("relu2_1",), style_layers=("relu1_1",),
                 style_layer_weights=None)
-    plain = stylize(content_image, [style_image], preset("default", **fast), model=model_avg)
+    plain = stylize(content_image, [style_image], preset("default", **fast), model=model)
     compiled = preset("default", **fast, compile="reduce-overhead")
-    same = stylize(content_image, [style_image], compiled, model=model_avg)
+    same = stylize(content_image, [style_image], compiled, model=model)
     assert torch.equal(plain.state.image, same.state.image)
-    resumed = stylize(content_image, [style_image], compiled.replace(iterations=2), model=model_avg,
+    resumed = stylize(content_image, [style_image], compiled.replace(iterations=2), model=model,
                       resume=plain.state)
     assert resumed.state.iteration == 2

@@ -45,16 +45,16 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_stop_save_restore_continues_identically(
-    case: str, model_avg: VGGFeatures, content_image, style_image
+    case: str, model: VGGFeatures, content_image, style_image
 ) -> None:
     cfg = preset("default", **FAST, **CASES[case])
-    straight = stylize(content_image, [style_image], cfg, model=model_avg)
+    straight = stylize(content_image, [style_image], cfg, model=model)
     # Stop after 5 iterations (in multi-scale: after 4, i.e. inside the second scale).
     stop_at = 5 if cfg.scales == 1 else 4
-    first = stylize(content_image, [style_image], cfg, model=model_avg, should_stop=_stop_after(stop_at))
+    first = stylize(content_image, [style_image], cfg, model=model, should_stop=_stop_after(stop_at))
     assert first.stopped and first.state.iteration == stop_at
     saved = _roundtrip(first.state)
-    resumed = stylize(content_image, [style_image], cfg, model=model_avg, resume=saved)
+    resumed = stylize(content_image, [style_image], cfg, model=model, resume=saved)
     _assert_same_run(straight, resumed)
     # Resuming leaves the state it was given untouched, so it can be used again.
     assert torch.equal(saved.image, first.state.image) and not saved.image.requires_grad
@@ -72,29 +72,29 @@ def test_stop_save_restore_continues_identically(
 
 @pytest.mark.parametrize("optimizer,lr", [("adam", 0.01), ("lbfgs", 1.0)])
 def test_checkpoint_at_a_scale_boundary_resumes_identically(
-    optimizer: str, lr: float, model_avg: VGGFeatures, content_image, style_image
+    optimizer: str, lr: float, model: VGGFeatures, content_image, style_image
 ) -> None:
     cfg = preset("default", **FAST, optimizer=optimizer, lr=lr, iterations=3, scales=2, min_size=16,
                  checkpoint_every=3)
     saved: list[OptimState] = []
-    straight = stylize(content_image, [style_image], cfg, model=model_avg, on_checkpoint=saved.append)
+    straight = stylize(content_image, [style_image], cfg, model=model, on_checkpoint=saved.append)
     assert [(s.iteration, s.scale_index) for s in saved] == [(3, 0), (6, 1)]
     assert saved[0].image.shape[-1] == 16  # saved at the end of the coarse scale
-    resumed = stylize(content_image, [style_image], cfg, model=model_avg, resume=_roundtrip(saved[0]))
+    resumed = stylize(content_image, [style_image], cfg, model=model, resume=_roundtrip(saved[0]))
     _assert_same_run(straight, resumed)
 
 
 @pytest.mark.parametrize("optimizer,lr", [("adam", 0.01), ("lbfgs", 1.0)])
 def test_one_scale_per_call_continues_like_one_multi_scale_run(
-    optimizer: str, lr: float, model_avg: VGGFeatures, content_image, style_image
+    optimizer: str, lr: float, model: VGGFeatures, content_image, style_image
 ) -> None:
     """What the service's chain does: each call runs one scale (last_scale) from the previous
     call's final state, which the engine carries up; the end is bit for bit the one-call run."""
     cfg = preset("default", **FAST, optimizer=optimizer, lr=lr, iterations=3, scales=3, min_size=16)
-    straight = stylize(content_image, [style_image], cfg, model=model_avg)
+    straight = stylize(content_image, [style_image], cfg, model=model)
     state = None
     for scale in range(cfg.scales):
-        step = stylize(content_image, [style_image], cfg, model=model_avg, resume=state, last_scale=scale)
+        step = stylize(content_image, [style_image], cfg, model=model, resume=state, last_scale=scale)
         assert (step.state.scale_index, step.state.iteration) == (scale, 3 * (scale + 1))
         assert step.image.width == cfg.output_sizes(content_image.size)[scale][0]
         state = _roundtrip(step.state)
@@ -106,14 +106,14 @@ def test_one_scale_per_call_continues_like_one_multi_scale_run(
     chained, whole = losses(step.history), losses(straight.history)
     assert {k: chained[k] for k in whole} == whole and set(chained) - set(whole) <= {3, 6}
     # A call that finds its scale already finished (a redelivered last step) runs nothing more.
-    again = stylize(content_image, [style_image], cfg, model=model_avg, resume=state, last_scale=2)
+    again = stylize(content_image, [style_image], cfg, model=model, resume=state, last_scale=2)
     assert again.timings["iterations"] == 0
     _assert_same_run(straight, again)
 
 
-def test_state_bytes_round_trip_keeps_everything(model_avg: VGGFeatures, content_image, style_image) -> None:
+def test_state_bytes_round_trip_keeps_everything(model: VGGFeatures, content_image, style_image) -> None:
     cfg = preset("default", **FAST, iterations=2, ema_decay=0.9)
-    state = stylize(content_image, [style_image], cfg, model=model_avg).state
+    state = stylize(content_image, [style_image], cfg, model=model).state
     back = _roundtrip(state)
     assert torch.equal(back.image, state.image) and torch.equal(back.ema_image, state.ema_image)
     assert back.image.device.type == "cpu" and not back.image.requires_grad
@@ -123,13 +123,13 @@ def test_state_bytes_round_trip_keeps_everything(model_avg: VGGFeatures, content
     assert torch.equal(exp_avg, state.optimizer_state["state"][0]["exp_avg"])
 
 
-def test_bad_states_are_refused(model_avg: VGGFeatures, content_image, style_image) -> None:
+def test_bad_states_are_refused(model: VGGFeatures, content_image, style_image) -> None:
     with pytest.raises(ConfigError, match="cannot be read"):
         OptimState.from_bytes(b"not a checkpoint")
     cfg = preset("default", **FAST, iterations=2)
-    state = stylize(content_image, [style_image], cfg, model=model_avg).state
+    state = stylize(content_image, [style_image], cfg, model=model).state
     with pytest.raises(ConfigError, match=r"different settings \['lr'\]"):
-        stylize(content_image, [style_image], cfg.replace(lr=0.5), model=model_avg, resume=state)
+        stylize(content_image, [style_image], cfg.replace(lr=0.5), model=model, resume=state)
     # Settings that do not change the result may differ.
-    again = stylize(content_image, [style_image], cfg.replace(progress_every=1), model=model_avg, resume=state)
+    again = stylize(content_image, [style_image], cfg.replace(progress_every=1), model=model, resume=state)
     assert again.state.iteration == 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stylequeue.engine import preset, stylize
-from stylequeue.engine import BatchItem, stylize_batch
+from stylequeue.engine import BatchItem, StyleConfig, stylize_batch
 from stylequeue.engine.targets import LruTargetCache, image_digest, style_target_key, targets_nbytes
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.engine.weights import WeightsInfo
@@ -27,40 +27,40 @@ def _count_style_forwards(model: VGGFeatures, style_shape: tuple[int, ...]) -> t
     return calls, hook
 
 
-def test_second_job_with_the_same_style_does_not_recompute(model_avg: VGGFeatures, content_image, style_image) -> None:
+def test_second_job_with_the_same_style_does_not_recompute(model: VGGFeatures, content_image, style_image) -> None:
     cfg = preset("default", **FAST)
     cache = LruTargetCache()
     other_content = make_image(32, 48, seed=7)
-    calls, hook = _count_style_forwards(model_avg, (1, 3, 32, 32))  # the 40 x 40 style at 32 px
+    calls, hook = _count_style_forwards(model, (1, 3, 32, 32))  # the 40 x 40 style at 32 px
     try:
-        first = stylize(content_image, [style_image], cfg, model=model_avg, target_cache=cache)
+        first = stylize(content_image, [style_image], cfg, model=model, target_cache=cache)
         assert len(calls) == 1 and len(cache) == 1
-        second = stylize(other_content, [style_image], cfg.replace(lr=0.05, seed=3), model=model_avg,
+        second = stylize(other_content, [style_image], cfg.replace(lr=0.05, seed=3), model=model,
                          target_cache=cache)
         assert len(calls) == 1 and cache.hits == 1  # the style was not run through VGG again
         batch = stylize_batch([BatchItem(content_image, [style_image]), BatchItem(content_image, [style_image])],
-                              cfg, model=model_avg, target_cache=cache)
+                              cfg, model=model, target_cache=cache)
         assert len(calls) == 1 and cache.hits == 3
     finally:
         hook.remove()
     # Results with cached targets equal results without, bit for bit.
-    uncached = stylize(content_image, [style_image], cfg, model=model_avg)
+    uncached = stylize(content_image, [style_image], cfg, model=model)
     assert torch.equal(first.state.image, uncached.state.image)
     assert torch.equal(batch[0].state.image, batch[1].state.image)
-    again = stylize(other_content, [style_image], cfg.replace(lr=0.05, seed=3), model=model_avg)
+    again = stylize(other_content, [style_image], cfg.replace(lr=0.05, seed=3), model=model)
     assert torch.equal(second.state.image, again.state.image)
 
 
-def test_original_colors_targets_follow_the_content(model_avg: VGGFeatures, content_image, style_image) -> None:
+def test_original_colors_targets_follow_the_content(model: VGGFeatures, content_image, style_image) -> None:
     """Luminance-only transfer matches the style's luma to the content's: the key must see that."""
     cfg = preset("default", **FAST, original_colors=True)
     cache = LruTargetCache()
-    cached = stylize(content_image, [style_image], cfg, model=model_avg, target_cache=cache)
+    cached = stylize(content_image, [style_image], cfg, model=model, target_cache=cache)
     other = make_image(48, 32, seed=9)
-    stylize(other, [style_image], cfg, model=model_avg, target_cache=cache)
+    stylize(other, [style_image], cfg, model=model, target_cache=cache)
     assert len(cache) == 2 and cache.hits == 0
-    plain = stylize(content_image, [style_image], cfg, model=model_avg)
-    again = stylize(content_image, [style_image], cfg, model=model_avg, target_cache=cache)
+    plain = stylize(content_image, [style_image], cfg, model=model)
+    again = stylize(content_image, [style_image], cfg, model=model, target_cache=cache)
     assert cache.hits == 1
     assert torch.equal(cached.state.image, plain.state.image) and torch.equal(again.state.image, plain.state.image)
 
@@ -75,7 +75,7 @@ def test_every_setting_the_targets_depend_on_changes_the_key(style_image) -> Non
         "size": style_target_key(digest, cfg, RANDOM, 64),
         "style_scale": style_target_key(digest, cfg.replace(style_scale=0.5), RANDOM, 32),
         "layers": style_target_key(digest, cfg.replace(style_layers=("relu1_1",)), RANDOM, 32),
-        "pooling": style_target_key(digest, cfg.replace(pooling="max"), RANDOM, 32),
+        "pooling": style_target_key(digest, cfg.replace(pooling="avg" if cfg.pooling == "max" else "max"), RANDOM, 32),
         "gram_norm": style_target_key(
             digest, cfg.replace(gram_norm="chw" if cfg.gram_norm != "chw" else "sqrt_chw"), RANDOM, 32),
         "weights seed": style_target_key(digest, cfg, {**RANDOM, "seed": 1, "source": "random:1"}, 32),
@@ -103,7 +103,7 @@ def test_unnamed_weights_are_not_cached(vgg_state_dict, content_image, style_ima
         state_dict: dict
         info: object
 
-    model = VGGFeatures.from_weights(Loaded(vgg_state_dict, None), pooling="avg")
+    model = VGGFeatures.from_weights(Loaded(vgg_state_dict, None), pooling=StyleConfig().pooling)
     cache = LruTargetCache()
     stylize(content_image, [style_image], preset("default", **{**FAST, "iterations": 1}), model=model,
             target_cache=cache)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from stylequeue.engine import preset, stylize
+from stylequeue.engine import StyleConfig, preset, stylize
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.exceptions import JobTimeoutError
 from stylequeue.settings import Settings
@@ -24,7 +24,7 @@ FAST = dict(size=32, iterations=4, lr=0.01, content_layers=("relu2_1",), style_l
 @pytest.fixture(scope="module")
 def model() -> VGGFeatures:
     info = {"source": "random:0", "sha256": None, "random": True, "seed": 0}
-    return VGGFeatures.from_weights(_Loaded(random_features_state_dict(0), info), pooling="avg")
+    return VGGFeatures.from_weights(_Loaded(random_features_state_dict(0), info), pooling=StyleConfig().pooling)
 
 
 def _resources(tmp_path: Any, **changes: Any) -> Resources:

@@ -39,12 +39,9 @@ from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.engine.weights import load_weights
 from stylequeue.scheduler import submit
 
-LAYERS = dict(loss_norm="relative", style_weight=3.0, pooling="max", content_layers=("relu4_2",))
-
-
 def _config(size: int, tile: int, iterations: int) -> Any:
     return preset("default", size=size, scales=2, min_size=min(size // 2, tile), iterations=iterations,
-                  tile_size=tile if tile < size else 0, tile_overlap=max(16, tile // 8), **LAYERS)
+                  tile_size=tile if tile < size else 0, tile_overlap=max(16, tile // 8))
 
 
 def one(kind: str, size: int, tile: int, iterations: int) -> dict[str, Any]:
@@ -87,8 +84,7 @@ def fleet(size: int, tile: int, iterations: int, counts: list[int], workdir: Pat
         for count in counts:
             with gpu_workers(stack, count, 1):
                 params = {"size": size, "scales": 2, "min_size": min(size // 2, tile), "iterations": iterations,
-                          "tile_size": tile, "tile_overlap": max(16, tile // 8),
-                          **{k: list(v) if isinstance(v, tuple) else v for k, v in LAYERS.items()}}
+                          "tile_size": tile, "tile_overlap": max(16, tile // 8)}
                 began = time.monotonic()
                 job = submit({"content": content, "styles": [stack.style], "params": params}, app=stack.app)
                 summary = job.wait(timeout=3600)

@@ -241,29 +241,20 @@ def _style_config(preset_name: str, params: dict[str, Any]) -> "StyleConfig":
 
 def fit_to_fleet(spec: JobSpec, settings: "Settings") -> JobSpec:
     """The spec as the fleet runs it: tiled when its final size is past what one worker's device
-    holds (``worker_memory_mb``, by the memory model), untouched otherwise.
+    holds (``worker_memory_mb``, by the memory model: memory.tiling), untouched otherwise.
 
-    The tiles are squares of the largest side that fits (a square is the worst case for a given
-    longest side), overlapping by an eighth; the coarse scales end at a size that fits. Written
-    into the spec's params before it is claimed, so the job's digest, its messages and every
-    worker agree on them, and the same submission is tiled the same way again.
+    Written into the spec's params before it is claimed, so the job's digest, its messages and
+    every worker agree on them, and the same submission is tiled the same way again.
     """
-    from stylequeue.engine.config import MIN_TILE
-    from stylequeue.engine.memory import largest_side
-    from stylequeue.engine.network import network
+    from stylequeue.engine.memory import tiling
 
     config = spec.style_config()
     if not settings.worker_memory_mb or config.tile_size:
         return spec
     dtype_bytes = 4 if config.precision == "fp32" or settings.device == "cpu" else 2
-    fit = largest_side([*config.content_layers, *config.style_layers], settings.worker_memory_mb * 2**20,
-                       dtype_bytes=dtype_bytes, network=network(config.network))
-    if config.size <= fit:
+    changes = tiling(config, settings.worker_memory_mb * 2**20, dtype_bytes=dtype_bytes)
+    if not changes:
         return spec
-    tile = max(MIN_TILE, fit // 32 * 32)
-    changes: dict[str, Any] = {"tile_size": tile, "tile_overlap": max(16, tile // 8)}
-    if config.scales < 2 or config.scale_sizes[-2] > fit:
-        changes.update(scales=2, min_size=min(fit, config.size - 1))
     return JobSpec.parse({**spec.message(), "params": {**spec.params, **changes}}, settings)
 
 

@@ -50,6 +50,8 @@ _PASSTHROUGH = {
     "tile_size": "tile_size",
     "tile_overlap": "tile_overlap",
     "tile_passes": "tile_passes",
+    "tile_context": "tile_context",
+    "tile_style": "tile_style",
     "progress_every": "progress_every",
     "device": "device",
 }
@@ -98,6 +100,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     engine.add_argument("--tile-overlap", type=int, help="pixels neighbouring tiles share (default 64)")
     engine.add_argument("--tile-passes", type=int, help="1, or 2: a second pass over a grid shifted "
                         "by half a tile")
+    engine.add_argument("--tile-context", type=int, help="pixels of the picture around each tile that VGG "
+                        "sees while the tile is optimised (default 64)")
+    engine.add_argument("--tile-style", choices=("global", "regional"), help="global (default): each tile "
+                        "matches the style alone; regional: shifted by how its region differs from the picture")
     engine.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: settings)")
     engine.add_argument("--progress-every", type=int, metavar="N", help="report every N steps")
     io = p.add_argument_group("inputs and outputs")

@@ -28,6 +28,20 @@ def gram_matrix(features: torch.Tensor, norm: str = "chw") -> torch.Tensor:
     return gram / denominator
 
 
+Box = tuple[int, int, int, int]
+
+
+def crop_to_box(features: torch.Tensor, box: Box, image_hw: Sequence[int]) -> torch.Tensor:
+    """The positions of (B, C, h, w) ``features`` of an ``image_hw`` image that lie in the pixel
+    ``box`` (left, top, right, bottom), rounded outwards, at least one position each way."""
+    height, width = image_hw
+    h, w = features.shape[-2:]
+    top, left = math.floor(box[1] * h / height), math.floor(box[0] * w / width)
+    bottom = min(h, max(top + 1, math.ceil(box[3] * h / height)))
+    right = min(w, max(left + 1, math.ceil(box[2] * w / width)))
+    return features[..., top:bottom, left:right]
+
+
 def _per_item_mse(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error over every dim but the batch -> (B,)."""
     return (x - target).pow(2).flatten(1).mean(1)
@@ -85,11 +99,17 @@ class StyleLoss(_FixedTargetLoss):
 
     @classmethod
     def from_grams(
-        cls, grams: Sequence[torch.Tensor], blend: Sequence[float], norm: str = "chw", *, relative: bool = False
+        cls, grams: Sequence[torch.Tensor], blend: Sequence[float], norm: str = "chw", *, relative: bool = False,
+        shift: torch.Tensor | None = None,
     ) -> "StyleLoss":
-        """Target = sum_i blend_i * G_i: several styles' Gram matrices mixed by blend weights."""
-        target = sum(w * g for w, g in zip(blend, grams))
-        return cls(torch.as_tensor(target), norm, relative=relative)
+        """Target = sum_i blend_i * G_i: several styles' Gram matrices mixed by blend weights, plus
+        ``shift`` (a tile's own deviation from its picture: engine/tiled.py). A relative term keeps
+        the unshifted target's scale, so every tile of a picture weighs its style alike."""
+        target = torch.as_tensor(sum(w * g for w, g in zip(blend, grams)))
+        loss = cls(target if shift is None else target + shift.to(target), norm, relative=relative)
+        if shift is not None:
+            loss.scale = _relative_scale(target.detach(), relative)
+        return loss
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self._normalised(_per_item_mse(gram_matrix(features, self.norm), self.target))
@@ -207,8 +227,10 @@ class StyleTransferLoss(nn.Module):
         content_weight: float,
         style_weight: float,
         tv_weight: float,
+        box: Box | None = None,
     ) -> None:
         super().__init__()
+        self.box = box  # the losses read only this part of the image (a tile inside its context)
         self.content_losses = nn.ModuleDict({k: m for k, (m, _) in content.items()})
         self.style_losses = nn.ModuleDict({k: m for k, (m, _) in style.items()})
         self.content_layer_weights = {k: w for k, (_, w) in content.items()}
@@ -224,6 +246,10 @@ class StyleTransferLoss(nn.Module):
         return list(dict.fromkeys([*self.content_losses, *self.style_losses]))
 
     def forward(self, features: Mapping[str, torch.Tensor], image: torch.Tensor) -> LossTerms:
+        if self.box is not None:
+            size = image.shape[-2:]
+            features = {k: crop_to_box(v, self.box, size) for k, v in features.items()}
+            image = image[..., self.box[1]:self.box[3], self.box[0]:self.box[2]]
         content = sum(
             w * self.content_losses[k](features[k]) for k, w in self.content_layer_weights.items()
         )

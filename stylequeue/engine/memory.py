@@ -10,9 +10,12 @@ out-of-memory error halves the batch (see transfer.stylize_many) or splits a til
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from stylequeue.engine.network import VGG19, Network
+from stylequeue.engine.network import VGG19, Network, network
+
+if TYPE_CHECKING:
+    from stylequeue.engine.config import StyleConfig
 
 # Share of the free memory a batch may plan to use.
 SAFETY = 0.6
@@ -60,3 +63,23 @@ def largest_side(
         else:
             high = mid - 1
     return low
+
+
+def tiling(config: "StyleConfig", memory_bytes: int, *, dtype_bytes: int) -> dict[str, Any]:
+    """The changes that make ``config`` fit a device of ``memory_bytes``: none when its final size
+    fits; otherwise tiles at the final size and coarse scales that end at a size that fits.
+
+    The tiles are squares (a square is the worst case for a given longest side), a multiple of
+    32, that fit with their context on every side, overlapping by an eighth.
+    """
+    from stylequeue.engine.config import MIN_TILE
+
+    fit = largest_side([*config.content_layers, *config.style_layers], memory_bytes,
+                       dtype_bytes=dtype_bytes, network=network(config.network))
+    if config.size <= fit:
+        return {}
+    tile = max(MIN_TILE, (fit - 2 * config.tile_context) // 32 * 32)
+    changes: dict[str, Any] = {"tile_size": tile, "tile_overlap": max(16, tile // 8)}
+    if config.scales < 2 or config.scale_sizes[-2] > fit:
+        changes.update(scales=2, min_size=min(fit, config.size - 1))
+    return changes

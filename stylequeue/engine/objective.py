@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -23,6 +23,7 @@ from stylequeue.engine.losses import (
     StyleLoss,
     StyleTransferLoss,
     WassersteinStyleLoss,
+    crop_to_box,
     gram_matrix,
     moments,
 )
@@ -51,6 +52,8 @@ class Problem:
     started: float = field(default_factory=time.perf_counter)
     target_cache: TargetCache | None = None
     style_digests: list[str] | None = None  # image_digest of each style, when caching
+    # Added to the Gram targets of every scale, per style layer (a tile's regional shift: tiled.py).
+    style_shift: Mapping[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -70,6 +73,7 @@ def set_up(
     model: VGGFeatures,
     init_image: Image.Image | None,
     target_cache: TargetCache | None = None,
+    style_shift: Mapping[str, torch.Tensor] | None = None,
 ) -> Problem:
     """Check that the inputs fit the settings and the model, and place the model on its device."""
     config.validate()
@@ -82,6 +86,8 @@ def set_up(
         )
     if config.init == "image" and init_image is None:
         raise ConfigError("init is 'image' but no initial image was given; pass one or choose init 'content'")
+    if style_shift is not None and (config.style_loss != "gram" or set(style_shift) != set(config.style_layers)):
+        raise ConfigError("a style shift is one Gram matrix per style layer, for the Gram style loss")
     if config.init != "image" and init_image is not None:
         raise ConfigError(f"an initial image was given but init is {config.init!r}; set init to 'image'")
     if model.pooling != config.pooling:
@@ -112,6 +118,7 @@ def set_up(
         sizes=config.scale_sizes,
         target_cache=target_cache,
         style_digests=[image_digest(s) for s in styles] if target_cache is not None else None,
+        style_shift=style_shift,
     )
 
 
@@ -126,6 +133,12 @@ def prepare_scale(problem: Problem, index: int) -> Scale:
         content = color.as_gray_rgb(content_luma)
     with torch.no_grad(), autocast(plan):
         content_feats = model(memory_format(content, plan), cfg.content_layers)
+    box = cfg.loss_box
+    if box is not None:
+        height, width = content.shape[-2:]
+        if box[2] > width or box[3] > height:
+            raise ConfigError(f"loss_box {list(box)} reaches past the {width}x{height} image")
+        content_feats = {k: crop_to_box(v, box, (height, width)) for k, v in content_feats.items()}
     grams = [_style_targets(problem, i, problem.sizes[index], content_luma) for i in range(len(problem.styles))]
     relative = cfg.loss_norm == "relative"
     content_terms = {
@@ -133,7 +146,7 @@ def prepare_scale(problem: Problem, index: int) -> Scale:
         for name, w in layer_weights(cfg.content_layers, cfg.content_layer_weights).items()
     }
     style_terms = {
-        name: (_style_loss(cfg, grams, name, problem.blend), w)
+        name: (_style_loss(cfg, grams, name, problem.blend, problem.style_shift), w)
         for name, w in layer_weights(cfg.style_layers, cfg.style_layer_weights).items()
     }
     objective = StyleTransferLoss(
@@ -142,17 +155,20 @@ def prepare_scale(problem: Problem, index: int) -> Scale:
         content_weight=cfg.content_weight,
         style_weight=cfg.style_weight,
         tv_weight=cfg.tv_weight,
+        box=box,
     )
     return Scale(index=index, objective=objective, content=content, content_color=content_color)
 
 
-def _style_loss(cfg: StyleConfig, targets: list[Targets], layer: str, blend: list[float]) -> StyleLoss | WassersteinStyleLoss:
-    """The style term of ``layer`` against the blend of every style's targets."""
+def _style_loss(cfg: StyleConfig, targets: list[Targets], layer: str, blend: list[float],
+                shift: Mapping[str, torch.Tensor] | None = None) -> StyleLoss | WassersteinStyleLoss:
+    """The style term of ``layer`` against the blend of every style's targets (plus its shift)."""
     relative = cfg.loss_norm == "relative"
     if cfg.style_loss == "wasserstein":
         pairs = [(t[f"{layer}{MEAN_SUFFIX}"], t[layer]) for t in targets]
         return WassersteinStyleLoss.from_moments(pairs, blend, relative=relative)
-    return StyleLoss.from_grams([t[layer] for t in targets], blend, cfg.gram_norm, relative=relative)
+    return StyleLoss.from_grams([t[layer] for t in targets], blend, cfg.gram_norm, relative=relative,
+                                shift=None if shift is None else shift[layer])
 
 
 def _style_targets(problem: Problem, style: int, size: int, content_luma: torch.Tensor | None) -> Targets:
@@ -204,4 +220,4 @@ def stack_objectives(objectives: Sequence[StyleTransferLoss]) -> StyleTransferLo
         for name, w in first.style_layer_weights.items()
     }  # targets (B, C, C), or means (B, C) and covariances
     return StyleTransferLoss(content, style, content_weight=first.content_weight,
-                             style_weight=first.style_weight, tv_weight=first.tv_weight)
+                             style_weight=first.style_weight, tv_weight=first.tv_weight, box=first.box)

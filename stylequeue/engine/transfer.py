@@ -17,7 +17,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -50,6 +50,7 @@ class BatchItem:
     should_stop: Callable[[], bool] | None = None
     resume: OptimState | None = None
     on_checkpoint: Callable[[OptimState], None] | None = None
+    style_shift: Mapping[str, torch.Tensor] | None = None  # added to its Gram targets (a tile: tiled.py)
 
 
 @dataclass
@@ -89,6 +90,7 @@ def stylize(
     on_checkpoint: Callable[[OptimState], None] | None = None,
     target_cache: TargetCache | None = None,
     last_scale: int | None = None,
+    style_shift: Mapping[str, torch.Tensor] | None = None,
 ) -> StyleResult:
     """Stylise ``content`` with ``styles`` (PIL RGB images) under ``config``; see docs/architecture.md.
 
@@ -96,7 +98,7 @@ def stylize(
     carried up to the next. ``last_scale`` stops after that scale (the service runs one scale per
     task). ``target_cache`` keeps style targets for later jobs; the result is the same without it.
     """
-    item = BatchItem(content, styles, init_image, None, callback, should_stop, resume, on_checkpoint)
+    item = BatchItem(content, styles, init_image, None, callback, should_stop, resume, on_checkpoint, style_shift)
     return stylize_batch([item], config, model=model, target_cache=target_cache, last_scale=last_scale)[0]
 
 
@@ -121,7 +123,8 @@ def stylize_batch(
             f"batching needs Adam (each image keeps its own elementwise state); {config.optimizer} "
             "couples every pixel of the batch: run L-BFGS jobs one at a time (batch size 1)"
         )
-    members = [_Member(item, set_up(item.content, item.styles, cfg, model, item.init_image, target_cache))
+    members = [_Member(item, set_up(item.content, item.styles, cfg, model, item.init_image, target_cache,
+                                          item.style_shift))
                for item, cfg in zip(items, configs)]
     last = len(config.scale_sizes) - 1 if last_scale is None else last_scale
     first = _first_scale(items, config, last)
@@ -299,6 +302,7 @@ def _step(members: list[_Member], objective: StyleTransferLoss) -> None:
     problem = members[0].problem
     runs = [m.run for m in members if m.run is not None]
     recorded: list[LossTerms] = []
+    box = problem.config.loss_box
 
     def closure() -> torch.Tensor:
         for run in runs:
@@ -307,6 +311,9 @@ def _step(members: list[_Member], objective: StyleTransferLoss) -> None:
         terms = _evaluate(problem, objective, images)
         total = terms.total.sum()  # per-image losses are independent: the sum has per-image gradients
         total.backward()
+        if box is not None:
+            for run in runs:
+                _keep_box(run.image.grad, box)
         recorded.append(LossTerms(*(t.detach() for t in (terms.total, terms.content, terms.style, terms.tv))))
         return total
 
@@ -324,6 +331,20 @@ def _step(members: list[_Member], objective: StyleTransferLoss) -> None:
     for k, run in enumerate(runs):
         run.last = terms if len(runs) == 1 else LossTerms(*(t[k : k + 1] for t in (terms.total, terms.content,
                                                                             terms.style, terms.tv)))
+
+
+def _keep_box(grad: torch.Tensor | None, box: tuple[int, int, int, int]) -> None:
+    """Zero ``grad`` outside the loss box: the context around a tile is the picture as it stands,
+    not pixels to optimise. Adam scales every pixel's step to ~lr however small its gradient, so
+    context pixels, whose only gradient is what leaks back through the tile's receptive field,
+    would otherwise move as much as the tile's own, and the tile would fit itself to a context
+    that its neighbours' tiles never produce."""
+    if grad is None:
+        return
+    left, top, right, bottom = box
+    mask = torch.zeros(grad.shape[-2:], dtype=torch.bool, device=grad.device)
+    mask[top:bottom, left:right] = True
+    grad.masked_fill_(~mask, 0)
 
 
 def _evaluate(problem: Problem, objective: StyleTransferLoss, images: torch.Tensor) -> LossTerms:

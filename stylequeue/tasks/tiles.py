@@ -73,7 +73,7 @@ def tile(self: JobTask, message: dict[str, Any], tile_pass: int, index: int, pla
     with gpu_run(self, spec, paths, store, resources) as run:
         started = time.time()
         start = objects.decode_own_image(store.get_bytes(paths.work_image)) if spec.stages()[0] else run.content
-        config = tile_config(run.config, box)
+        config = tile_config(run.config, grid, box)
         checkpoint = paths.tile_checkpoint(tile_pass, index)
         saved = objects.read_state(store, checkpoint)
         resume = saved if saved is not None and saved.owner == run.owner and saved.matches(config) else None

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stylequeue.engine import ContentLoss, StyleLoss, StyleTransferLoss, TVLoss, gram_matrix, preset, stylize
+from stylequeue.engine import ContentLoss, StyleConfig, StyleLoss, StyleTransferLoss, TVLoss, gram_matrix, preset, stylize
 from stylequeue.engine.losses import WassersteinStyleLoss, moments
 from stylequeue.engine.vgg import VGGFeatures
 
@@ -88,11 +88,11 @@ TERMS = {
 @pytest.mark.parametrize("optimizer,lr", [("adam", 0.01), ("lbfgs", 1.0)])
 @pytest.mark.parametrize("term", list(TERMS))
 def test_each_loss_decreases(
-    term: str, optimizer: str, lr: float, model_avg: VGGFeatures,
+    term: str, optimizer: str, lr: float, model: VGGFeatures,
     content_image: Image.Image, style_image: Image.Image,
 ) -> None:
     cfg = preset("default", optimizer=optimizer, lr=lr, **{**FAST, **TERMS[term]})
-    history = stylize(content_image, [style_image], cfg, model=model_avg).history
+    history = stylize(content_image, [style_image], cfg, model=model).history
     key = "loss" if term == "total" else f"{term}_loss"
     first, last = history[0][key], history[-1][key]
     assert first > 0 and last < 0.9 * first, (first, last)
@@ -145,3 +145,31 @@ def test_stacked_losses_are_the_items_own() -> None:
         alone = [make(t) for t in targets]
         stacked = type(alone[0]).stacked(alone)(xs)
         torch.testing.assert_close(stacked, torch.cat([l(xs[i : i + 1]) for i, l in enumerate(alone)]))
+
+
+def test_default_style_targets_do_not_depend_on_the_number_of_positions(model) -> None:
+    """The default Gram normalisation is per position (``chw``): a texture's Gram at twice the
+    size is the same, so a style target means the same for a tile, a smaller ``style_scale`` or a
+    style of another aspect ratio. ``sqrt_chw`` (the seed's scale) grows with the square root."""
+    torch.manual_seed(0)
+    patch = torch.rand(1, 3, 16, 16)
+    small, large = patch.repeat(1, 1, 4, 4), patch.repeat(1, 1, 8, 8)  # one periodic texture, 64 and 128 px
+    with torch.no_grad():
+        a, b = (model(x, ["relu1_1"])["relu1_1"][..., 8:-8, 8:-8] for x in (small, large))  # edges off
+    norm = StyleConfig().gram_norm
+    g_small, g_large = gram_matrix(a, norm), gram_matrix(b, norm)
+    assert float((g_large - g_small).norm() / g_small.norm()) < 0.05
+    seed_small, seed_large = gram_matrix(a, "sqrt_chw"), gram_matrix(b, "sqrt_chw")
+    assert float((seed_large - seed_small).norm() / seed_small.norm()) > 0.5
+
+
+def test_a_shifted_gram_target_keeps_the_unshifted_scale() -> None:
+    """A tile's shift (engine/tiled.py) moves its target, not its weight: the relative scale is
+    the style's own, whatever the shift."""
+    torch.manual_seed(0)
+    grams = [torch.rand(1, 4, 4) + 0.5, torch.rand(1, 4, 4) + 0.5]
+    shift = 0.3 * torch.randn(1, 4, 4)
+    plain = StyleLoss.from_grams(grams, [0.25, 0.75], relative=True)
+    shifted = StyleLoss.from_grams(grams, [0.25, 0.75], relative=True, shift=shift)
+    assert torch.allclose(shifted.target, plain.target + shift)
+    assert torch.equal(shifted.scale, plain.scale)

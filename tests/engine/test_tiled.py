@@ -19,35 +19,36 @@ FAST = dict(iterations=4, content_layers=("relu2_1",), style_layers=("relu1_1", 
             style_layer_weights=None, loss_norm="relative", style_weight=3.0)
 
 
-def test_a_256_px_picture_from_96_px_tiles(model_avg: VGGFeatures) -> None:
+def test_a_256_px_picture_from_96_px_tiles(model: VGGFeatures) -> None:
     content, style = make_image(256, 170, seed=1), make_image(96, 96, seed=2)
     cfg = preset("default", size=256, scales=2, min_size=96, tile_size=96, tile_overlap=24, **FAST)
     plan = final_plan(cfg, content.size)
     assert (plan.width, plan.height) == (256, 170) and (len(plan.columns), len(plan.rows)) == (4, 3)
     seen = []
-    result = stylize_tiled(content, [style], cfg, model=model_avg, callback=seen.append)
+    result = stylize_tiled(content, [style], cfg, model=model, callback=seen.append)
     assert result.image.size == (256, 170) and not result.stopped
     assert {p.tile for p in seen if p.tiles} == set(range(12))  # every tile ran
     assert seen[-1].iteration == seen[-1].total == 4 * (1 + 12)  # the coarse scale, then 12 tiles
     # Every tile matches the whole picture's style at the whole picture's scale.
-    assert {tile_config(cfg, t).style_size for t in plan.tiles} == {256}
+    assert {tile_config(cfg, plan, t).style_size for t in plan.tiles} == {256}
     seams = seam_energy(to_tensor(result.image, torch.device("cpu")), plan)
     assert seams["ratio"] < 1.5, seams
     # Pasting the tiles without the windows' blend leaves steps: what the blend removes.
     assert max(t.width for t in plan.tiles) <= 96
 
 
-def test_a_tile_is_a_single_scale_run_from_the_coarse_picture(model_avg: VGGFeatures) -> None:
+def test_a_tile_is_a_single_scale_run_from_the_coarse_picture(model: VGGFeatures) -> None:
     """A picture no larger than one tile is one tile: exactly the coarse scales, then one run of the
     final scale that starts from the coarse picture (scaled up) with a fresh optimiser."""
     content, style = make_image(80, 54, seed=3), make_image(64, 64, seed=4)
     cfg = preset("default", size=80, scales=2, min_size=40, tile_size=96, tile_overlap=24, **FAST)
-    tiled = stylize_tiled(content, [style], cfg, model=model_avg)
-    coarse = stylize(content, [style], cfg, model=model_avg, last_scale=0)
-    (tile,) = final_plan(cfg, content.size).tiles
+    tiled = stylize_tiled(content, [style], cfg, model=model)
+    coarse = stylize(content, [style], cfg, model=model, last_scale=0)
+    plan = final_plan(cfg, content.size)
+    (tile,) = plan.tiles
     start = coarse.image.resize(content.resize((80, 54)).size, Image.Resampling.BICUBIC)
-    alone = stylize(content.resize((80, 54), Image.Resampling.LANCZOS), [style], tile_config(cfg, tile),
-                    model=model_avg, init_image=start)
+    alone = stylize(content.resize((80, 54), Image.Resampling.LANCZOS), [style], tile_config(cfg, plan, tile),
+                    model=model, init_image=start)
     assert tiled.image.tobytes() == alone.image.tobytes()
 
 
@@ -65,29 +66,107 @@ def test_tiling_settings_are_checked() -> None:
         final_plan(preset("default"), (100, 100))
 
 
-def test_a_tile_that_runs_out_of_memory_runs_as_smaller_tiles(model_avg: VGGFeatures, monkeypatch) -> None:
+def test_a_tile_that_runs_out_of_memory_runs_as_smaller_tiles(model: VGGFeatures, monkeypatch) -> None:
     """The device's memory is what CPU tests cannot have: an optimisation's forward (the one that
-    keeps activations for its backward) past 100 px raises the CUDA out-of-memory error, as a GPU
-    with too little free memory would. (Targets are no_grad forwards, which keep no activations.)"""
+    keeps activations for its backward) past 140 px raises the CUDA out-of-memory error, as a GPU
+    with too little free memory would. (Targets are no_grad forwards, which keep no activations.)
+    A tile runs with 16 px of context on each side."""
     from stylequeue.engine.tiled import run_tile
 
-    forward = type(model_avg).forward
+    forward = type(model).forward
 
     def small_device(self, x, *args, **kwargs):
-        if torch.is_grad_enabled() and max(x.shape[-2:]) > 100:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test's 100 px device)")
+        if torch.is_grad_enabled() and max(x.shape[-2:]) > 140:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test's 140 px device)")
         return forward(self, x, *args, **kwargs)
 
     content, style = make_image(300, 200, seed=5), make_image(64, 64, seed=6)
-    cfg = preset("default", size=300, scales=2, min_size=64, tile_size=192, tile_overlap=32, **FAST)
+    cfg = preset("default", size=300, scales=2, min_size=64, tile_size=192, tile_overlap=32, tile_context=16, **FAST)
     plan = final_plan(cfg, content.size)
-    monkeypatch.setattr(type(model_avg), "forward", small_device)
+    monkeypatch.setattr(type(model), "forward", small_device)
     tile = plan.tiles[0]
-    result = run_tile(content, [style], cfg, plan, tile, content, model=model_avg)
-    assert max(tile.width, tile.height) > 100  # it could not run whole on this device
+    result = run_tile(content, [style], cfg, plan, tile, content, model=model)
+    assert max(tile.width, tile.height) > 140  # it could not run whole on this device
     assert result.image.size == (tile.width, tile.height) and result.state is None and not result.stopped
-    # A tile already too small to cut (under twice the smallest tile) fails as it is.
-    small = cfg.replace(tile_size=120, tile_overlap=20)
+    # A tile already too small to cut (under twice the smallest tile) fails as it is: 120 px and
+    # 32 px of context are past the device.
+    small = cfg.replace(tile_size=120, tile_overlap=20, tile_context=32)
     small_plan = final_plan(small, content.size)
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        run_tile(content, [style], small, small_plan, small_plan.tiles[0], content, model=model_avg)
+        run_tile(content, [style], small, small_plan, small_plan.tiles[0], content, model=model)
+
+
+def test_a_tile_runs_inside_its_context_and_keeps_only_its_pixels(model: VGGFeatures) -> None:
+    """tile_config grows a tile by tile_context px within the picture and measures the losses on
+    the tile alone (loss_box); run_tile returns just the tile's pixels."""
+    from stylequeue.engine.tiled import run_tile, tile_region
+
+    content, style = make_image(256, 170, seed=7), make_image(64, 64, seed=8)
+    cfg = preset("default", size=256, scales=2, min_size=96, tile_size=96, tile_overlap=24, tile_context=20, **FAST)
+    plan = final_plan(cfg, content.size)
+    corner, inner = plan.tiles[0], plan.tiles[len(plan.columns) + 1]
+    region = tile_region(plan, inner, 20)
+    assert (region.x0, region.y0, region.x1, region.y1) == (inner.x0 - 20, inner.y0 - 20, inner.x1 + 20, inner.y1 + 20)
+    assert tile_config(cfg, plan, inner).loss_box == (20, 20, 20 + inner.width, 20 + inner.height)
+    assert tile_config(cfg, plan, inner).size == max(region.width, region.height)
+    clipped = tile_region(plan, corner, 20)  # the picture's edge is the edge: no context past it
+    assert (clipped.x0, clipped.y0) == (0, 0) and tile_config(cfg, plan, corner).loss_box[:2] == (0, 0)
+    result = run_tile(content, [style], cfg, plan, inner, content, model=model)
+    assert result.image.size == (inner.width, inner.height)
+    assert tile_config(cfg.replace(tile_context=0), plan, inner).loss_box is None  # no context: the whole run
+
+
+def test_the_losses_read_only_the_loss_box(model: VGGFeatures) -> None:
+    """Only the box's pixels are optimised: the context around it is the picture as it stands
+    (Adam would move a context pixel by ~lr a step on the faintest gradient leaking back through
+    the box's receptive field, 10 px at relu2_1)."""
+    content, style = make_image(96, 64, seed=9), make_image(64, 64, seed=10)
+    cfg = preset("default", size=96, init="image", loss_box=(40, 24, 56, 40), lr=0.05, **FAST)
+    start = make_image(96, 64, seed=11)
+    out = to_tensor(stylize(content, [style], cfg, model=model, init_image=start).image, torch.device("cpu"))
+    before = to_tensor(start, torch.device("cpu"))
+    changed = (out - before).abs().amax(1)[0] > 0  # (H, W)
+    assert changed[24:40, 40:56].float().mean() > 0.9
+    outside = torch.ones_like(changed)
+    outside[24:40, 40:56] = False
+    assert not changed[outside].any()
+    # Without a box the same run moves pixels everywhere: the box is what held them.
+    free = to_tensor(stylize(content, [style], cfg.replace(loss_box=None), model=model, init_image=start).image,
+                     torch.device("cpu"))
+    assert ((free - before).abs().amax(1)[0] > 0)[outside].float().mean() > 0.5
+    with pytest.raises(ConfigError, match="loss_box"):
+        preset("default", loss_box=(10, 10, 5, 20))
+    with pytest.raises(ConfigError, match="reaches past"):
+        stylize(content, [style], cfg.replace(loss_box=(40, 24, 120, 40)), model=model, init_image=start)
+
+
+def test_regional_style_shifts_average_to_zero_over_the_tiles(model: VGGFeatures) -> None:
+    """tile_style="regional": each tile's Gram targets move by its region's start Grams less the
+    picture's (the tiles' area-weighted mean), so the shifts cancel over the picture and the tiles
+    still match the style together; "global" (the default) shifts nothing."""
+    from stylequeue.engine.tiled import picture_grams, style_shift
+
+    content, style = make_image(256, 170, seed=12), make_image(64, 64, seed=13)
+    cfg = preset("default", size=256, scales=2, min_size=96, tile_size=96, tile_overlap=24, tile_context=16,
+                 tile_style="regional", **FAST)
+    plan = final_plan(cfg, content.size)
+    start = content.resize((plan.width, plan.height))
+    picture = picture_grams(start, plan, cfg, model)
+    shifts = [style_shift(start, plan, t, cfg, model, picture) for t in plan.tiles]
+    areas = torch.tensor([t.width * t.height for t in plan.tiles], dtype=torch.float32)
+    for layer in cfg.style_layers:
+        stacked = torch.stack([s[layer] for s in shifts])  # (tiles, 1, C, C)
+        mean = (stacked * areas.view(-1, 1, 1, 1)).sum(0) / areas.sum()
+        assert mean.abs().max() < 1e-4 * picture[layer].abs().max()
+        assert stacked.abs().max() > 1e-2 * picture[layer].abs().max()  # the tiles do differ
+    assert picture_grams(start, plan, cfg.replace(tile_style="global"), model) is None
+    assert picture_grams(start, plan, cfg.replace(style_loss="wasserstein"), model) is None
+    with pytest.raises(ConfigError, match="tile_style"):
+        preset("default", tile_style="local")
+    # The shift reaches the loss: the same tile run regional and global ends differently.
+    regional = stylize_tiled(content, [style], cfg, model=model)
+    plain = stylize_tiled(content, [style], cfg.replace(tile_style="global"), model=model)
+    assert regional.image.tobytes() != plain.image.tobytes()
+    with pytest.raises(ConfigError, match="style shift"):
+        stylize(content, [style], cfg.replace(tile_size=0, scales=1), model=model,
+                style_shift={"relu1_1": shifts[0]["relu1_1"]})  # a layer short

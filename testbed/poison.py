@@ -6,7 +6,7 @@ the variable the plugin does nothing. It lives in the harness because production
 test hooks (the fault tests use it to show that such a job is failed after ``max_deliveries``).
 
 Why the kill is not in the ``task_prerun`` handler itself: Celery sends ``task_prerun`` before it
-calls the task, and :class:`stylequeue.tasks.jobs.JobTask` counts the delivery in ``__call__``. A
+calls the task, and :class:`stylequeue.tasks.base.JobTask` counts the delivery in ``__call__``. A
 process killed at prerun would never be counted, and the job would be redelivered for ever. So the
 handler wraps the task's ``run``, which ``Task.__call__`` calls after that count, once per process.
 """

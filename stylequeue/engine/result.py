@@ -54,7 +54,7 @@ class StyleResult:
     stopped: bool
     state: OptimState | None
     weights_info: Any = None
-    batch_size: int = 1  # how many jobs shared the forward pass (batch.stylize_batch)
+    batch_size: int = 1  # how many jobs shared the forward pass (transfer.stylize_batch)
 
     def metadata(self) -> dict[str, Any]:
         """JSON-able record: config, loss history, timings, device, weights and library versions."""

@@ -29,7 +29,7 @@ LOSS_NORMS = ("none", "relative")
 # The style statistic matched per layer: Gram matrices (Gatys et al.), or means and covariances
 # compared by the 2-Wasserstein distance between Gaussians (crowsonkb/style-transfer-pytorch).
 STYLE_LOSSES = ("gram", "wasserstein")
-TILE_STYLES = ("regional", "global")  # engine/tiled.py
+TILE_STYLES = ("global", "regional")  # engine/tiled.py
 # Which tensor the optimiser updates: "pixel" is RGB in [0, 1] (clamped after each step);
 # "normalized" is the ImageNet-normalised tensor, unclamped, as in the seed's code.
 SPACES = ("pixel", "normalized")
@@ -75,13 +75,18 @@ class StyleConfig:
     """One style-transfer job's parameters. ``iterations`` counts steps at EACH scale.
 
     These defaults ARE the ``default`` preset: tune the engine's default here, in one place.
-    They were chosen on real ImageNet features (bench/quality.py --search; the results, with
-    pictures, in bench/results/quality/search*.md): Gatys et al.'s layers (content relu4_2, style
-    relu1_1..relu5_1, max pooling as the network was trained) with relative losses, style weight
-    3, Adam in pixel space at lr 0.05 from the content image, 200 steps. Among a dozen settings
-    given the same seconds on three content-style pairs, this one had the lowest style distance at
-    a content distance that keeps the content recognisable, and its curves flatten by 150-200 steps
-    at 256 px; average pooling, the Wasserstein loss, EMA and coarse-to-fine scales did no better.
+    They were chosen on real ImageNet features (bench/quality.py; the results, with pictures, in
+    bench/results/quality/): Gatys et al.'s layers (content relu4_2, style relu1_1..relu5_1, max
+    pooling as the network was trained) with relative losses, style weight 1, Adam in pixel space
+    at lr 0.05 from the content image, 200 steps. A search of a dozen settings given the same
+    seconds on three content-style pairs (``--search``) found relative losses with content relu4_2
+    and max pooling ahead, their curves flat by 150-200 steps at 256 px; average pooling, the
+    Wasserstein loss, EMA and coarse-to-fine scales did no better. Style weight 3 gave the lowest
+    style distance, but the full run over six pairs showed it washing the content out (a cat or an
+    astronaut under The Wreck of a Transport Ship), so the default is 1, which keeps it and still
+    has lower content AND style distance than ``gatys`` after the same seconds (medians at 60 s,
+    content / style by bench/quality.py's evaluator: 0.50 / 0.07 in the search, ``gatys`` 0.58 /
+    0.61 in the six-pair run; bench/results/quality/quality.md has the run with weight 1).
 
     The measurements were made on a VGG16 (the only real ImageNet features that could be had
     there, with Caffe-convention input) and the default network is VGG19: what makes them carry
@@ -102,7 +107,7 @@ class StyleConfig:
     style_layers: tuple[str, ...] = RELU_STYLE_LAYERS
     style_layer_weights: tuple[float, ...] | None = None  # None: 1.0 each
     content_weight: float = 1.0
-    style_weight: float = 3.0
+    style_weight: float = 1.0
     tv_weight: float = 0.0
     gram_norm: str = "chw"  # per position: a style target means the same at any size (tiles, style_scale)
     loss_norm: str = "relative"
@@ -122,10 +127,10 @@ class StyleConfig:
     tile_overlap: int = 64
     tile_passes: int = 1
     tile_context: int = 64
-    # "regional": a tile's Gram targets are the style's plus how its region differs from the whole
-    # picture at the start, so the tiles together match the style as one picture does; "global":
-    # every tile matches the style's Gram matrices on its own. Gram loss only (Wasserstein: global).
-    tile_style: str = "regional"
+    # "global": every tile matches the style's Gram matrices on its own; "regional": shifted by how
+    # its region differs from the whole picture at the start (engine/tiled.py; better on shallow
+    # style layers, worse on relu1_1..relu5_1 in docs/tiles.md's measurements). Gram loss only.
+    tile_style: str = "global"
     # (left, top, right, bottom) px of a single-scale image where the losses are measured; the rest
     # is context that VGG sees but no loss reads (what a tile runs: engine/tiled.py). None: all.
     loss_box: tuple[int, int, int, int] | None = None

@@ -12,6 +12,10 @@
 (c) With real VGG16 features (bench/quality.py's), a picture made untiled and tiled at the same
     size, side by side with a close-up of where tiles meet, and both scored by the quality
     evaluator and the seam measure: ``tiles_pictures.png``.
+(d) With the same real features, how close a tiled picture's two distances come to the untiled
+    picture's, by tile size against the picture, context and tile_style: small pictures (160 and
+    256 px, 40 steps a scale), so that tiles are as small as VGG16's receptive fields (relu5_1:
+    132 px), the case where tiling costs quality.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -127,6 +131,45 @@ def pictures(out: Path, size: int, tile: int, iterations: int) -> dict[str, Any]
             "scores": scores}
 
 
+GEOMETRIES: tuple[tuple[int, dict[str, Any]], ...] = (
+    (160, dict(tile_size=112, tile_overlap=24)),
+    (160, dict(tile_size=96, tile_overlap=24, tile_context=0)),
+    (160, dict(tile_size=96, tile_overlap=24)),
+    (160, dict(tile_size=96, tile_overlap=24, tile_style="regional")),
+    (256, dict(tile_size=128, tile_overlap=32)),
+    (256, dict(tile_size=128, tile_overlap=32, tile_style="regional")),
+)
+
+
+def geometry(iterations: int = 40, cases: Sequence[tuple[int, dict[str, Any]]] = GEOMETRIES) -> list[dict[str, Any]]:
+    """(d): each case's distances beside the untiled picture's at its size (the module docstring)."""
+    from bench.quality import DEFAULT_CACHE, Evaluator, real_weights
+    from bench.seed_loop import pil_to_unit
+    from stylequeue.engine.images import load_image
+
+    torch.set_num_threads(2)
+    weights = load_weights(real_weights(DEFAULT_CACHE))
+    content = load_image(REPO / "examples" / "content" / "chelsea.jpg", max_pixels=10**8)
+    style = load_image(REPO / "examples" / "style" / "starry_night.jpg", max_pixels=10**8)
+    model = VGGFeatures.from_weights(weights, pooling="max")
+    rows, untiled = [], {}
+    for size, changes in cases:
+        evaluate = Evaluator(model, content, style, size=size)
+        cfg = preset("default", network="vgg16", size=size, scales=2, min_size=size // 2, iterations=iterations, seed=0)
+        if size not in untiled:
+            untiled[size] = evaluate(pil_to_unit(stylize(content, [style], cfg, model=model).image))
+        tiled_cfg = cfg.replace(**changes)
+        c, s = evaluate(pil_to_unit(stylize_tiled(content, [style], tiled_cfg, model=model).image))
+        base = untiled[size]
+        rows.append({"size": size, "tile": tiled_cfg.tile_size, "overlap": tiled_cfg.tile_overlap,
+                     "context": tiled_cfg.tile_context, "tile_style": tiled_cfg.tile_style,
+                     "tiles": len(final_plan(tiled_cfg, content.size).tiles),
+                     "untiled": [round(base[0], 4), round(base[1], 4)], "tiled": [round(c, 4), round(s, 4)],
+                     "content_ratio": round(c / base[0], 3), "style_ratio": round(s / base[1], 3)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def _sheet(untiled: Image.Image, tiled: Image.Image, plan: Any, scores: dict[str, Any], path: Path) -> None:
     """The two pictures, then a 3x close-up of the same corner where four tiles meet in each."""
     xs, ys = plan.seams
@@ -166,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", default="1,2,4")
     p.add_argument("--picture-size", type=int, default=512)
     p.add_argument("--picture-iterations", type=int, default=100)
+    p.add_argument("--picture-tile", type=int, default=256, help="(c)'s tiles: about twice relu5_1's receptive field")
+    p.add_argument("--geometry-iterations", type=int, default=40, help="(d); 0 leaves it out")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--one", nargs=4, metavar=("KIND", "SIZE", "TILE", "ITERATIONS"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -182,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.quick:
         args.sizes, args.tile, args.iterations, args.workers = "160", 96, 2, "1,2"
         args.fleet_size, args.fleet_iterations, args.picture_size, args.picture_iterations = 160, 2, 0, 0
+        args.geometry_iterations = 0
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": machine_info(torch.device("cpu")), "settings": {k: str(v) for k, v in vars(args).items()}}
     report["memory_and_time"] = memory_and_time([int(s) for s in args.sizes.split(",")], args.tile, args.iterations)
@@ -189,7 +235,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         report["fleet"] = fleet(args.fleet_size, args.tile, args.fleet_iterations,
                                 [int(w) for w in args.workers.split(",")], Path(work))
     if args.picture_size:
-        report["pictures"] = pictures(args.out, args.picture_size, args.tile, args.picture_iterations)
+        report["pictures"] = pictures(args.out, args.picture_size, args.picture_tile, args.picture_iterations)
+    if args.geometry_iterations:
+        report["geometry"] = geometry(args.geometry_iterations)
     (args.out / "tiles.json").write_text(json.dumps(report, indent=1))
     text = write_tiles_report(report)
     (args.out / "tiles.md").write_text(text)

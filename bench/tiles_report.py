@@ -9,7 +9,7 @@ def write_tiles_report(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = ["# Tiled against untiled (bench/tiles_bench.py)", "",
              f"CPU: {m.get('cpu')} ({m.get('logical_cpus')} logical CPUs), torch {m.get('torch')}. Random",
-             "weights for (a) and (b) (speed and memory do not depend on them); real VGG16 features for (c).", "",
+             "weights for (a) and (b) (speed and memory do not depend on them); real VGG16 features for (c) and (d).", "",
              "## (a) One picture: peak memory and seconds", "",
              "Each run in a fresh process; 'growth' is the resident memory the run added to the process",
              "(torch and the model loaded). Same iterations per scale and per tile; coarse scale at half size.", "",
@@ -34,4 +34,15 @@ def write_tiles_report(report: dict[str, Any]) -> str:
         for name, s in pic["scores"].items():
             lines.append(f"| {name} | {s['seconds']} | {s['content']} | {s['style']} | {s['seam_ratio']} |")
         lines += ["", "![untiled, tiled, close-ups](tiles_pictures.png)"]
+    rows = report.get("geometry")
+    if rows:
+        lines += ["", "## (d) Tiles as small as VGG's receptive fields: tiled over untiled distances", "",
+                  "Real VGG16 features, chelsea x The Starry Night, 40 steps a scale (coarse scale at half size).",
+                  "A ratio of 1 is the untiled picture's distance; below 1 is closer to the target.", "",
+                  "| size | tile / overlap / context | tile_style | tiles | untiled (content, style) | tiled | content ratio | style ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['size']} | {r['tile']} / {r['overlap']} / {r['context']} | {r['tile_style']} | {r['tiles']} | "
+                         f"{r['untiled'][0]}, {r['untiled'][1]} | {r['tiled'][0]}, {r['tiled'][1]} | "
+                         f"{r['content_ratio']} | {r['style_ratio']} |")
     return "\n".join(lines) + "\n"

@@ -201,3 +201,12 @@ def test_tiles_bench_measures_one_picture_and_reports() -> None:
                              "fleet": [{"workers": 1, "seconds": 4.0, "tiles": 4, "workers_used": 1},
                                        {"workers": 2, "seconds": 2.5, "tiles": 4, "workers_used": 2}]})
     assert "| 160 | tiled | 4 |" in md and "1.60x" in md
+
+
+def test_tiles_report_shows_the_geometry_rows() -> None:
+    from bench.tiles_report import write_tiles_report
+
+    row = {"size": 160, "tile": 112, "overlap": 24, "context": 64, "tile_style": "global", "tiles": 2,
+           "untiled": [1.02, 0.054], "tiled": [1.05, 0.059], "content_ratio": 1.03, "style_ratio": 1.1}
+    md = write_tiles_report({"machine": {}, "memory_and_time": [], "fleet": [], "geometry": [row]})
+    assert "| 160 | 112 / 24 / 64 | global | 2 | 1.02, 0.054 | 1.05, 0.059 | 1.03 | 1.1 |" in md

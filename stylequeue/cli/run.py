@@ -102,8 +102,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "by half a tile")
     engine.add_argument("--tile-context", type=int, help="pixels of the picture around each tile that VGG "
                         "sees while the tile is optimised (default 64)")
-    engine.add_argument("--tile-style", choices=("global", "regional"), help="global (default): each tile "
-                        "matches the style alone; regional: shifted by how its region differs from the picture")
+    engine.add_argument("--tile-style", choices=("regional", "global"), help="regional (default): tiles match "
+                        "the style together, as one picture; global: each tile matches it alone")
     engine.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: settings)")
     engine.add_argument("--progress-every", type=int, metavar="N", help="report every N steps")
     io = p.add_argument_group("inputs and outputs")

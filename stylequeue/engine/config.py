@@ -29,7 +29,7 @@ LOSS_NORMS = ("none", "relative")
 # The style statistic matched per layer: Gram matrices (Gatys et al.), or means and covariances
 # compared by the 2-Wasserstein distance between Gaussians (crowsonkb/style-transfer-pytorch).
 STYLE_LOSSES = ("gram", "wasserstein")
-TILE_STYLES = ("global", "regional")  # engine/tiled.py
+TILE_STYLES = ("regional", "global")  # engine/tiled.py
 # Which tensor the optimiser updates: "pixel" is RGB in [0, 1] (clamped after each step);
 # "normalized" is the ImageNet-normalised tensor, unclamped, as in the seed's code.
 SPACES = ("pixel", "normalized")
@@ -127,10 +127,10 @@ class StyleConfig:
     tile_overlap: int = 64
     tile_passes: int = 1
     tile_context: int = 64
-    # "global": every tile matches the style's Gram matrices on its own; "regional": shifted by how
-    # its region differs from the whole picture at the start (engine/tiled.py; better on shallow
-    # style layers, worse on relu1_1..relu5_1 in docs/tiles.md's measurements). Gram loss only.
-    tile_style: str = "global"
+    # "regional": a tile's Gram targets shifted by how its region differs from the whole picture
+    # at the start, so the tiles match the style together as one picture does; "global": every
+    # tile matches the style's Gram matrices alone (engine/tiled.py, docs/tiles.md). Gram loss only.
+    tile_style: str = "regional"
     # (left, top, right, bottom) px of a single-scale image where the losses are measured; the rest
     # is context that VGG sees but no loss reads (what a tile runs: engine/tiled.py). None: all.
     loss_box: tuple[int, int, int, int] | None = None

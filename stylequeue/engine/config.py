@@ -83,10 +83,11 @@ class StyleConfig:
     and max pooling ahead, their curves flat by 150-200 steps at 256 px; average pooling, the
     Wasserstein loss, EMA and coarse-to-fine scales did no better. Style weight 3 gave the lowest
     style distance, but the full run over six pairs showed it washing the content out (a cat or an
-    astronaut under The Wreck of a Transport Ship), so the default is 1, which keeps it and still
-    has lower content AND style distance than ``gatys`` after the same seconds (medians at 60 s,
-    content / style by bench/quality.py's evaluator: 0.50 / 0.07 in the search, ``gatys`` 0.58 /
-    0.61 in the six-pair run; bench/results/quality/quality.md has the run with weight 1).
+    astronaut under The Wreck of a Transport Ship), so the default is 1, which keeps it. In the
+    six-pair run at 256 px (bench/results/quality/quality.md; content / style distance by
+    bench/quality.py's evaluator, medians) it ends its 200 steps after 88 s at 0.47 / 0.057,
+    where ``gatys`` after 100 s has 0.46 / 0.46: an eighth of the style distance at the same
+    content distance, and lower on both in 4 of the 6 pairs.
 
     The measurements were made on a VGG16 (the only real ImageNet features that could be had
     there, with Caffe-convention input) and the default network is VGG19: what makes them carry

@@ -6,6 +6,7 @@ import torch
 
 from stylequeue.engine import preset, stylize
 from stylequeue.engine.targets import LruTargetCache
+from stylequeue.engine.config import StyleConfig
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.settings import Settings
 from stylequeue.storage import open_storage
@@ -20,7 +21,7 @@ KEY = "ab" * 32
 
 def _model() -> VGGFeatures:
     info = {"source": "random:0", "sha256": None, "random": True, "seed": 0}
-    return VGGFeatures.from_weights(_Loaded(random_features_state_dict(0), info), pooling="avg")
+    return VGGFeatures.from_weights(_Loaded(random_features_state_dict(0), info), pooling=StyleConfig().pooling)
 
 
 def test_storage_tier_round_trips_through_s3(settings: Settings) -> None:

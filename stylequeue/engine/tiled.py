@@ -74,26 +74,30 @@ def tile_region(plan: TilePlan, tile: Tile, context: int) -> Tile:
                 min(plan.width, tile.x1 + context), min(plan.height, tile.y1 + context))
 
 
+def _region_and_box(plan: TilePlan, tile: Tile, context: int) -> tuple[Tile, Tile]:
+    """(``tile`` with its context, ``tile`` in that region's own pixels)."""
+    region = tile_region(plan, tile, context)
+    return region, Tile(0, tile.x0 - region.x0, tile.y0 - region.y0, tile.x1 - region.x0, tile.y1 - region.y0)
+
+
 def tile_config(config: StyleConfig, plan: TilePlan, tile: Tile) -> StyleConfig:
     """What one tile runs: a single scale over the tile and its context, from a given image, the
     losses read on the tile only, with the style at the whole picture's scale."""
-    region = tile_region(plan, tile, config.tile_context)
-    inner = (tile.x0 - region.x0, tile.y0 - region.y0, tile.x1 - region.x0, tile.y1 - region.y0)
+    region, inner = _region_and_box(plan, tile, config.tile_context)
     return config.replace(size=max(region.width, region.height), scales=1, init="image",
                           style_size=style_side(config, config.size), tile_size=0,
-                          loss_box=None if region == tile else inner)
+                          loss_box=None if region == tile else inner.box)
 
 
 def box_grams(image: Image.Image, plan: TilePlan, tile: Tile, config: StyleConfig,
               model: VGGFeatures) -> dict[str, torch.Tensor]:
     """Per style layer, the Gram matrix of ``tile``'s part of the final-size picture ``image``,
     seen as its tile run sees it (inside its context, cut to the tile)."""
-    region = tile_region(plan, tile, config.tile_context)
+    region, inner = _region_and_box(plan, tile, config.tile_context)
     pixels = to_tensor(crop_pil(image, region), next(model.parameters()).device)
-    box = (tile.x0 - region.x0, tile.y0 - region.y0, tile.x1 - region.x0, tile.y1 - region.y0)
     with torch.no_grad():
         features = model(pixels, config.style_layers)
-    return {name: gram_matrix(crop_to_box(features[name], box, pixels.shape[-2:]), config.gram_norm)
+    return {name: gram_matrix(crop_to_box(features[name], inner.box, pixels.shape[-2:]), config.gram_norm)
             for name in config.style_layers}
 
 
@@ -105,11 +109,10 @@ def picture_grams(start: Image.Image, plan: TilePlan, config: StyleConfig,
         return None
     total: dict[str, torch.Tensor] = {}
     for tile in plan.tiles:
-        area = tile.width * tile.height / (plan.width * plan.height)
         for name, gram in box_grams(start, plan, tile, config, model).items():
-            total[name] = total.get(name, 0) + area * gram
-    weight = sum(t.width * t.height for t in plan.tiles) / (plan.width * plan.height)
-    return {name: gram / weight for name, gram in total.items()}
+            total[name] = total.get(name, 0) + tile.width * tile.height * gram
+    area = sum(t.width * t.height for t in plan.tiles)
+    return {name: gram / area for name, gram in total.items()}
 
 
 def regional(config: StyleConfig) -> bool:
@@ -171,8 +174,7 @@ def run_tile(
 def _run_box(content: Image.Image, start: Image.Image, styles: Sequence[Image.Image], config: StyleConfig,
              plan: TilePlan, tile: Tile, *, model: VGGFeatures, target_cache: TargetCache | None,
              picture: Mapping[str, torch.Tensor] | None, **stylize_options: Any) -> StyleResult:
-    region = tile_region(plan, tile, config.tile_context)
-    inner = Tile(0, tile.x0 - region.x0, tile.y0 - region.y0, tile.x1 - region.x0, tile.y1 - region.y0)
+    region, inner = _region_and_box(plan, tile, config.tile_context)
     try:
         result = stylize(crop_pil(content, region), styles, tile_config(config, plan, tile), model=model,
                          init_image=crop_pil(start, region), target_cache=target_cache,

@@ -126,10 +126,17 @@ class Settings:
     flower_insecure_no_auth: bool = False
     # Seconds after which Flower forgets a worker that went offline (scaled-down pods).
     flower_purge_offline_workers: int = 300
+    # The URL users reach Flower at (a proxy, a port-forward); `stylequeue status` links a job's
+    # task under it. Empty: http://<flower_address>:<flower_port>.
+    flower_url: str = ""
 
     # Queue-length exporter (`stylequeue metrics`), what autoscalers read.
     metrics_port: int = 9540
     metrics_address: str = "127.0.0.1"
+    # Each `stylequeue worker`'s own /metrics (per-GPU utilisation and memory, its processes);
+    # 0: not served.
+    worker_metrics_port: int = 0
+    worker_metrics_address: str = "127.0.0.1"
 
     @property
     def resolved_broker_url(self) -> str:
@@ -151,6 +158,14 @@ class Settings:
     def allowed_prefix_list(self) -> list[str]:
         extra = [p.strip() for p in self.allowed_prefixes.split(",") if p.strip()]
         return [self.resolved_storage_root, *extra]
+
+    @property
+    def resolved_flower_url(self) -> str:
+        if self.flower_url:
+            return self.flower_url.rstrip("/")
+        # A wildcard bind address is no place to browse to: this machine's loopback is.
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.flower_address, self.flower_address)
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.flower_port}"
 
     @property
     def resolved_weights_cache_dir(self) -> str:

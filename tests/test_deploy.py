@@ -359,3 +359,71 @@ def test_worker_image_has_a_healthcheck_that_pings_its_gpu_worker() -> None:
     args = dict(dockerfile_instructions(DEPLOY / "Dockerfile.worker"))
     assert "stylequeue-healthcheck" in args["HEALTHCHECK"]
     assert "HEALTHCHECK_NODES=gpu0" in args["ENV"]
+
+
+# ---- Prometheus and Grafana (the fleet dashboard) ---------------------------------------------
+
+GRAFANA = DEPLOY / "grafana"
+
+
+def scrape_targets() -> dict[str, list[tuple[str, int]]]:
+    """deploy/prometheus.yml's jobs -> (host, port) of each target, static or found by DNS."""
+    config = load_docs(DEPLOY / "prometheus.yml")[0]
+    jobs: dict[str, list[tuple[str, int]]] = {}
+    for job in config["scrape_configs"]:
+        targets = [t.rsplit(":", 1) for c in job.get("static_configs", []) for t in c["targets"]]
+        targets += [(name, c["port"]) for c in job.get("dns_sd_configs", []) for name in c["names"]]
+        jobs[job["job_name"]] = [(host, int(port)) for host, port in targets]
+    return jobs
+
+
+# The setting that names the port each subcommand serves metrics on.
+METRICS_PORT_OF = {"flower": "flower_port", "metrics": "metrics_port", "worker": "worker_metrics_port"}
+
+
+def metrics_port(service: str) -> int:
+    """The port a compose service of ours serves /metrics on (0: none), as its settings say."""
+    svc = compose()["services"][service]
+    field = METRICS_PORT_OF.get(svc.get("command", [""])[0])
+    if field is None:
+        return 0
+    return int(svc.get("environment", {}).get(ENV_PREFIX + field.upper(), getattr(Settings(), field)))
+
+
+def test_prometheus_scrapes_every_exporter_at_its_compose_service_and_port() -> None:
+    jobs = scrape_targets()
+    scraped = {target for targets in jobs.values() for target in targets}
+    for host, port in scraped:
+        assert host in compose()["services"], f"prometheus.yml scrapes {host}, not a compose service"
+        assert port == metrics_port(host) != 0, f"prometheus.yml scrapes {host}:{port}; it serves {metrics_port(host)}"
+    # Every exporter is scraped: the queue exporter, Flower, and each worker launcher.
+    assert {("metrics", 9540), ("flower", 5555), ("gpu-worker", 9541), ("light-worker", 9541)} <= scraped
+    prometheus = compose()["services"]["prometheus"]
+    assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+
+
+def test_grafana_is_provisioned_with_the_dashboard_and_its_datasource() -> None:
+    grafana = compose()["services"]["grafana"]
+    mounts = {src: dest.removesuffix(":ro") for src, dest in (v.split(":", 1) for v in grafana["volumes"])}
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    provider = load_docs(GRAFANA / "provisioning" / "dashboards" / "stylequeue.yml")[0]["providers"][0]
+    assert mounts["./grafana/dashboards"] == provider["options"]["path"]
+    datasource = load_docs(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")[0]["datasources"][0]
+    host, port = datasource["url"].removeprefix("http://").split(":")
+    assert host == "prometheus" and f"127.0.0.1:{port}:{port}" in compose()["services"]["prometheus"]["ports"]
+    import json
+
+    dashboard = json.loads((GRAFANA / "dashboards" / "stylequeue.json").read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert panels and all(p["datasource"]["uid"] == datasource["uid"] for p in panels)
+    assert all(t["datasource"]["uid"] == datasource["uid"] for p in panels for t in p["targets"])
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    password = grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert PLACEHOLDER.fullmatch(password) and ":?" in password, "Grafana's password must come from deploy/.env"
+    assert "GRAFANA_ADMIN_PASSWORD=" in (DEPLOY / ".env.example").read_text()
+
+
+def test_prometheus_and_grafana_publish_on_loopback_only() -> None:
+    for name in ("prometheus", "grafana"):
+        ports = compose()["services"][name]["ports"]
+        assert ports and all(str(p).startswith("127.0.0.1:") for p in ports), f"compose {name}: {ports}"

@@ -16,16 +16,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def status_command(args: argparse.Namespace) -> int:
+    from stylequeue.monitoring.flower import job_task_url
     from stylequeue.scheduler import get_job
 
     job = get_job(args.job_id)
     status = job.status()
     info: dict[str, Any] = {"job_id": job.job_id, "status": status.value, "result_uri": job.result_uri,
-                            "progress": job.progress(), "error": job.error(), "result": job.result()}
+                            "progress": job.progress(), "error": job.error(), "result": job.result(),
+                            "flower_url": job_task_url(job)}
     if args.json:
         print_json(info)
         return 0
     print(f"{job.job_id}: {status.value}")
+    print(f"  flower: {info['flower_url']}")
     if info["progress"]:
         print(f"  {progress_line(info['progress'])}")
     if info["error"]:

@@ -22,7 +22,6 @@ from kombu import Exchange, Queue
 from stylequeue.exceptions import ConfigError
 from stylequeue.settings import Settings, load_settings, redact_url
 from stylequeue.tasks.broker import is_redis_broker
-from stylequeue.tasks.sent import RecordingAMQP
 
 # Explicit, namespaced task names: producers send by name and never import the task module.
 TASK_VALIDATE = "stylequeue.validate"
@@ -236,7 +235,9 @@ def make_app(settings: Settings | None = None) -> Celery:
     """Build the stylequeue Celery app from ``settings`` (or from the environment)."""
     settings = settings or load_settings()
     app = Celery("stylequeue", include=list(TASK_MODULES), set_as_current=False,
-                 amqp=RecordingAMQP)
+                 # RecordingAMQP (tasks/sent.py) that also labels each job message for Flower
+                 # (tasks/labels.py); named, not imported: labels.py reads this module's names.
+                 amqp="stylequeue.tasks.labels:LabelledAMQP")
     app.stylequeue_recorded_tasks = JOB_TASKS  # type: ignore[attr-defined]
     app.conf.update(celery_config(settings))
     # Tasks, the scheduler and the beat schedule read the same Settings the app was built from.

@@ -2,16 +2,18 @@
 
 The engine calls back with a ``Progress`` dataclass and knows nothing of Celery; this is the
 one place that translates it: a ``PROGRESS`` state for ``AsyncResult.info`` (what
-``JobHandle.progress()`` reads), a custom ``task-progress`` event for Flower's event stream, and
-now and then a preview image under the job's output prefix.
+``JobHandle.progress()`` reads), a custom ``task-progress`` event for Flower's event stream (its
+``result`` field the percentage and ETA Flower shows, :func:`progress_text`), and now and then a
+preview image under the job's output prefix.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import time
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 if TYPE_CHECKING:
     from stylequeue.engine.result import Progress
@@ -20,6 +22,10 @@ log = logging.getLogger(__name__)
 
 PROGRESS_STATE = "PROGRESS"
 PROGRESS_EVENT = "task-progress"
+# Between the parts of what Flower shows of a task (progress_text here, tasks/labels.py's labels).
+SEP = " · "
+# progress_text's shape without its ETA: where a task that ended without a result had got to.
+_PROGRESS_TEXT = re.compile(r"\d{1,3}% · iteration \d+ of \d+")
 
 
 class _Task(Protocol):
@@ -63,6 +69,34 @@ def progress_meta(progress: "Progress", job_id: str) -> dict[str, Any]:
     }
 
 
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def progress_text(meta: Mapping[str, Any]) -> str:
+    """A PROGRESS meta as Flower's result of a running task: ``37% · iteration 74 of 200 · ETA 12 s``."""
+    iteration, total = int(meta.get("iteration") or 0), int(meta.get("total") or 0)
+    percent = 100 * iteration // total if total else 0
+    text = f"{percent}%{SEP}iteration {iteration} of {total}"
+    eta = meta.get("eta_s")
+    return text + (f"{SEP}ETA {_duration(eta)}" if eta is not None else "")
+
+
+def stopped_text(value: Any) -> str | None:
+    """``stopped at 37% · iteration 74 of 200`` for a :func:`progress_text`; None for anything else.
+
+    Flower keeps a task's last progress as its result when it fails or is cancelled (only
+    task-succeeded carries a result); shown as it is, it would still promise an ETA.
+    """
+    match = _PROGRESS_TEXT.match(value) if isinstance(value, str) else None
+    return f"stopped at {match.group(0)}" if match else None
+
+
 class ProgressReporter:
     """The ``callback`` a stylize task hands to the engine.
 
@@ -92,7 +126,8 @@ class ProgressReporter:
         meta = progress_meta(progress, self.job_id)
         self.task.update_state(state=PROGRESS_STATE, meta=meta)
         try:
-            self.task.send_event(PROGRESS_EVENT, retry=False, **meta)
+            # result: what Flower can show of a running task's progress (why: tasks/labels.py).
+            self.task.send_event(PROGRESS_EVENT, retry=False, **meta, result=progress_text(meta))
         except Exception as exc:  # noqa: BLE001 - an event is best-effort; the state is the record
             log.debug("could not send %s for %s: %s", PROGRESS_EVENT, self.job_id, exc)
         self._maybe_preview(progress)

@@ -24,6 +24,7 @@ from types import FrameType
 
 from stylequeue.exceptions import ConfigError
 from stylequeue.settings import Settings
+from stylequeue.worker.metrics import serve_worker_metrics
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,10 @@ class Supervisor:
             if child.poll() is None:
                 child.send_signal(sig)
 
+    def running(self) -> dict[str, bool]:
+        """Each child's name -> whether it runs now (the worker metrics' process gauges)."""
+        return {p.name: p.name in self.children and self.children[p.name].poll() is None for p in self.procs}
+
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received signal %d; asking the workers to finish their jobs and stop", signum)
         self.stop(signum)
@@ -212,10 +217,20 @@ def run_workers(
     loglevel: str = "INFO",
     batch: int | None = None,
 ) -> int:
-    """Start the workers for this machine and wait for them; returns the exit code."""
+    """Start the workers for this machine and wait for them; returns the exit code.
+
+    With ``worker_metrics_port`` set, this process also serves the node's GPU and process
+    metrics (worker/metrics.py) for as long as the workers run.
+    """
     gpu_ids = parse_gpus(gpus)
     procs = plan_workers(
         settings, gpu_ids, queues=queues, concurrency_light=concurrency_light, loglevel=loglevel,
         batch=batch,
     )
-    return Supervisor(procs).run()
+    supervisor = Supervisor(procs)
+    stop_metrics = serve_worker_metrics(settings, supervisor.running) if settings.worker_metrics_port else None
+    try:
+        return supervisor.run()
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()

@@ -63,8 +63,10 @@ def test_submit_wait_uploads_local_files_and_prints_the_result(service, local_im
     assert status.returncode == 0, status.stderr
     info = json.loads(status.stdout)
     assert info["status"] == "succeeded" and info["result"]["result_uri"] == result["result_uri"]
+    assert info["flower_url"] == f"{service.settings.resolved_flower_url}/task/{job_id}.publish"  # the last task
     plain = _cli(service, "status", job_id)
     assert plain.stdout.startswith(f"{job_id}: succeeded") and "result: s3://" in plain.stdout
+    assert f"  flower: {info['flower_url']}\n" in plain.stdout
 
 
 def test_submit_refuses_a_bad_spec_and_status_an_unknown_id(service, local_images) -> None:
@@ -95,6 +97,7 @@ def test_cancel_from_the_command_line(service, local_images) -> None:
         time.sleep(0.2)
     info = json.loads(_cli(service, "status", job_id, "--json").stdout)
     assert info["status"] == "cancelled" and info["result"] is None and "cancelled" in info["error"]
+    assert info["flower_url"].endswith(f"/task/{job_id}.stylize.0")  # where it stopped, not publish
     # `stylequeue recover` sweeps once: the cancelled job has ended and is no longer watched.
     assert job_id in JobControl(service.app).active_jobs()
     sweep = _cli(service, "recover")

@@ -36,13 +36,15 @@ TASK_CONTACT_SHEET = "stylequeue.contact_sheet"
 TASK_SCAN_MANIFESTS = "stylequeue.scan_manifests"
 TASK_EXPIRE_PREVIEWS = "stylequeue.expire_previews"
 TASK_RECOVER = "stylequeue.recover"
+# One webhook delivery of a job's lifecycle event (tasks/webhook.py): light queue, never a GPU's.
+TASK_WEBHOOK = "stylequeue.webhook"
 # The messages of a job (and a batch's sheet): remembered when sent, re-sent if the broker loses one.
 JOB_TASKS = frozenset({TASK_VALIDATE, TASK_STYLIZE, TASK_PUBLISH, TASK_CONTACT_SHEET, TASK_TILES, TASK_TILE,
                        TASK_BLEND})
 
 # What a worker imports to know every task above.
 TASK_MODULES = ("stylequeue.tasks.chain", "stylequeue.tasks.tiles", "stylequeue.tasks.sheet",
-                "stylequeue.scheduler.beat")
+                "stylequeue.tasks.webhook", "stylequeue.scheduler.beat")
 
 # Redis emulates priorities with one list per step; 0 is served first (the opposite of AMQP).
 PRIORITY_STEPS = list(range(10))
@@ -151,6 +153,7 @@ def _routes(settings: Settings) -> dict[str, dict[str, str]]:
         TASK_SCAN_MANIFESTS: light,
         TASK_EXPIRE_PREVIEWS: light,
         TASK_RECOVER: light,
+        TASK_WEBHOOK: light,
     }
 
 

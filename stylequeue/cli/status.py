@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from stylequeue.cli import print_json, progress_line
+from stylequeue.cli.jobs import history_line
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +22,8 @@ def status_command(args: argparse.Namespace) -> int:
     job = get_job(args.job_id)
     status = job.status()
     info: dict[str, Any] = {"job_id": job.job_id, "status": status.value, "result_uri": job.result_uri,
-                            "progress": job.progress(), "error": job.error(), "result": job.result()}
+                            "progress": job.progress(), "error": job.error(), "result": job.result(),
+                            "history": job.history()}
     if args.json:
         print_json(info)
         return 0
@@ -32,4 +34,6 @@ def status_command(args: argparse.Namespace) -> int:
         print(f"  error: {info['error']}")
     if info["result"]:
         print(f"  result: {info['result'].get('result_uri')}")
+    if info["history"]:
+        print(f"  history: {history_line(info['history'])}")
     return 0

@@ -86,6 +86,8 @@ def _check_limits(settings: Settings) -> None:
         raise ConfigError(f"lease_ttl_s must be at least 3 s (it is renewed every third), got {settings.lease_ttl_s}")
     if settings.shutdown_grace_s < 0 or settings.recover_every_s < 1:
         raise ConfigError("shutdown_grace_s must be >= 0 and recover_every_s >= 1")
+    if settings.webhook_timeout_s <= 0 or settings.webhook_retry_for_s < 0 or settings.webhook_progress_every_s < 0:
+        raise ConfigError("webhook_timeout_s must be > 0, webhook_retry_for_s and webhook_progress_every_s >= 0")
     if settings.visibility_timeout <= settings.job_time_limit:
         raise ConfigError(
             f"visibility_timeout ({settings.visibility_timeout}s) must exceed job_time_limit "

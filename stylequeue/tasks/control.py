@@ -94,9 +94,13 @@ class RedisKeyValue:
         self.client.delete(key)  # type: ignore[attr-defined]
 
     # A sorted set scored by the time a member joined: oldest first, and members older than
-    # the results themselves can be dropped by score (their records have expired).
+    # the results themselves can be dropped by score (their records have expired). The set itself
+    # expires with the results after its last addition, as every control key does.
     def index_add(self, index: str, member: str, score: float | None = None) -> None:
-        self.client.zadd(index, {member: time.time() if score is None else score})  # type: ignore[attr-defined]
+        pipe = self.client.pipeline()  # type: ignore[attr-defined]
+        pipe.zadd(index, {member: time.time() if score is None else score})
+        pipe.expire(index, self.expires_s)
+        pipe.execute()
 
     def index_remove(self, index: str, member: str) -> None:
         self.client.zrem(index, member)  # type: ignore[attr-defined]

@@ -275,9 +275,10 @@ def test_a_job_past_its_time_limit_is_timed_out_and_the_worker_goes_on(fs: Stack
         job.wait(timeout=5)
     assert "time limit" in (job.error() or "").lower() or "TimeLimitExceeded" in (job.error() or "")
     # The history hears of it from JobTask.on_failure (for the hard limit, in the worker's main
-    # process); this job was sent without submit(), so its record is made from the message.
+    # process; billiard may signal the soft limit to the child in the same instant, and the first
+    # to write wins); this job was sent without submit(), so its record is made from the message.
     record = wait_for(lambda: (job.history() or {}).get("status") == "timed_out" and job.history(), 10, "history")
-    assert ("JobTimeoutError" if soft else "TimeLimitExceeded") in record["error"] and record["started_at"]
+    assert record["error"].startswith(("JobTimeoutError", "TimeLimitExceeded")) and record["started_at"]
     _ok(fs)
 
 

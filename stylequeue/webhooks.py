@@ -108,7 +108,8 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes | str, *, tolera
     try:
         timestamp = int(lower["webhook-timestamp"])
     except ValueError:
-        raise WebhookVerificationError(f"webhook-timestamp {lower['webhook-timestamp']!r} is not unix seconds") from None
+        raise WebhookVerificationError(
+            f"webhook-timestamp {lower['webhook-timestamp']!r} is not unix seconds") from None
     skew = (time.time() if now is None else now) - timestamp
     if abs(skew) > tolerance_s:
         raise WebhookVerificationError(

@@ -99,7 +99,8 @@ def test_non_public_addresses_pass_when_the_host_is_listed_by_name() -> None:
     assert check_url("http://hooks.internal/x", "hooks.internal", resolver=resolver).addresses == ("10.0.0.5",)
     assert check_url("http://127.0.0.1:9000/in?a=1", "127.0.0.1").path == "/in?a=1"
     assert check_url("http://127.0.0.1:9000/in", "http://127.0.0.1:9000/in/").port == 9000
-    public = check_url("https://a.example.com/x", "*.example.com", resolver=_resolver({"a.example.com": ["93.184.216.34"]}))
+    public = check_url("https://a.example.com/x", "*.example.com",
+                       resolver=_resolver({"a.example.com": ["93.184.216.34"]}))
     assert (public.host, public.port, public.addresses) == ("a.example.com", 443, ("93.184.216.34",))
 
 

@@ -61,11 +61,13 @@ class GpuRun:
     def reporter(self, preview_every: int, *, job_progress: bool = True) -> ProgressReporter:
         """The engine's callback: PROGRESS state, task-progress event, fenced previews, and (when
         this task's count is the job's, ``job_progress``) the job's progress lifecycle event."""
-        app, spec = self.task.app, self.spec
-        return ProgressReporter(self.task, spec.job_id, preview_every=preview_every,
+        return ProgressReporter(self.task, self.spec.job_id, preview_every=preview_every,
                                 save_preview=lambda it, img: self.save_image(self.paths.preview(it, time.time()), img),
-                                on_event=(lambda meta: job_event(app, spec, "progress", progress=meta))
-                                if job_progress else None, event_every_s=self.settings.webhook_progress_every_s)
+                                on_event=self.progress_event if job_progress else None,
+                                event_every_s=self.settings.webhook_progress_every_s)
+
+    def progress_event(self, meta: dict[str, Any]) -> None:
+        job_event(self.task.app, self.spec, "progress", progress=meta)
 
     def poller(self, reporter: ProgressReporter, end_iteration: int) -> StopPoller:
         """The engine's should_stop: cancelled, lease lost, or draining with too little grace."""

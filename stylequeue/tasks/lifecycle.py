@@ -56,8 +56,8 @@ def job_event(app: Celery, job: Job, event: str, **fields: Any) -> None:
 
     Never raises: a job's work matters more than its record, so a failure is logged and dropped.
     """
-    message = job.message() if isinstance(job, JobSpec) else (dict(job) if isinstance(job, Mapping) else None)
-    job_id = message["job_id"] if message else str(job)
+    message = job if isinstance(job, JobSpec) else (dict(job) if isinstance(job, Mapping) else None)
+    job_id = str(job.job_id if isinstance(job, JobSpec) else message.get("job_id") if message else job)
     try:
         now = time.time()
         old, new = JobHistory(app).change(job_id, lambda record: transition(app, record, job_id, message, event,
@@ -68,7 +68,7 @@ def job_event(app: Celery, job: Job, event: str, **fields: Any) -> None:
         log.warning("job %s: %s event not recorded or not sent: %s", job_id, event, exc)
 
 
-def transition(app: Celery, record: dict[str, Any] | None, job_id: str, message: dict[str, Any] | None,
+def transition(app: Celery, record: dict[str, Any] | None, job_id: str, message: JobSpec | Mapping[str, Any] | None,
                event: str, fields: Mapping[str, Any], now: float) -> dict[str, Any] | None:
     """The record after ``event``, or None when it changes nothing (the job already ended)."""
     if event == "submitted" or record is None:
@@ -86,8 +86,9 @@ def transition(app: Celery, record: dict[str, Any] | None, job_id: str, message:
     return changed
 
 
-def new_record(app: Celery, job_id: str, message: Mapping[str, Any] | None, now: float) -> dict[str, Any]:
-    """A queued job's record: what it asked for, where its result goes, who hears of it."""
+def new_record(app: Celery, job_id: str, message: JobSpec | Mapping[str, Any] | None, now: float) -> dict[str, Any]:
+    """A queued job's record: what it asked for, where its result goes, who hears of it (from the
+    spec, or its message: a task's argument)."""
     record: dict[str, Any] = {
         "job_id": job_id, "status": "queued", "spec": None, "submitted_at": now, "started_at": None,
         "ended_at": None, "worker": None, "result_uri": None, "metadata_uri": None, "error": None,
@@ -95,7 +96,7 @@ def new_record(app: Celery, job_id: str, message: Mapping[str, Any] | None, now:
     if message is None:
         return record
     try:
-        spec = JobSpec.parse(message)
+        spec = message if isinstance(message, JobSpec) else JobSpec.parse(message)
     except Exception as exc:  # noqa: BLE001 - a bad message fails its task; its record says what it could
         log.debug("job %s: message does not parse (%s); recorded without a summary", job_id, exc)
         return record

@@ -167,7 +167,8 @@ def test_200_jobs_of_mixed_outcomes_are_listed_and_filtered(service: ServiceWork
     assert [len(p) for p in pages] == [37] * 5 + [15]
     assert [r["job_id"] for p in pages for r in p] == [r["job_id"] for r in records]
     failed_pages = _pages(7, status="failed", since=jobs["mark"], app=app)
-    assert [r["job_id"] for p in failed_pages for r in p] == [r["job_id"] for r in _all(status="failed", since=jobs["mark"], app=app)]
+    failed = _all(status="failed", since=jobs["mark"], app=app)
+    assert [r["job_id"] for p in failed_pages for r in p] == [r["job_id"] for r in failed]
 
 
 class _CountingStore:
@@ -240,8 +241,8 @@ def test_paging_is_exact_when_jobs_share_a_submit_time(store: KeyValue) -> None:
     """Equal times (a burst within one clock tick) page without gaps or repeats, in Redis and files."""
     history, now = JobHistory(None, store), float(int(time.time()))
     for i in range(23):
-        history.change(f"tie-{i:02d}", lambda _, i=i: {"job_id": f"tie-{i:02d}", "status": "failed" if i % 3 else "queued",
-                                                       "submitted_at": now + (i >= 20)})
+        record = {"job_id": f"tie-{i:02d}", "status": "failed" if i % 3 else "queued", "submitted_at": now + (i >= 20)}
+        history.change(record["job_id"], lambda _, record=record: record)
     pages, cursor = [], None
     while True:
         records, cursor = history.page(limit=4, cursor=cursor)

@@ -116,8 +116,8 @@ def test_a_receiver_answering_500_twice_then_200_gets_the_event_once(service: Se
     assert len({r.headers["webhook-id"] for r in got}) == 1  # one delivery, retried
     assert len({r.body for r in got}) == 1 and [_verified(r)["type"] for r in got] == ["job.succeeded"] * 3
     assert got[1].at - got[0].at >= 0.45 and got[2].at - got[1].at >= 0.95  # backoff, not a tight loop
-    delivery = wait_for(lambda: (job.history() or {}).get("delivery", {}).get("delivered") and job.history()["delivery"],
-                        10, "the outcome in the history")
+    delivery = wait_for(lambda: (d := (job.history() or {}).get("delivery")) and d["delivered"] and d, 10,
+                        "the outcome in the history")
     assert delivery["attempts"] == 3 and delivery["http_status"] == 200 and delivery["final"]
     assert delivery["id"] == got[0].headers["webhook-id"]
     assert "webhook succeeded delivered (HTTP 200, 3 attempts" in history_line(job.history())

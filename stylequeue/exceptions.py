@@ -80,6 +80,14 @@ class LostMessageError(StyleQueueError):
     """The broker lost a job's message more often than recovery may re-send it (or no copy was kept)."""
 
 
+class WebhookURLError(ConfigError):
+    """A webhook URL this deployment does not send to (scheme, credentials, allow-list, address)."""
+
+
+class WebhookVerificationError(StyleQueueError):
+    """A webhook delivery whose signature or timestamp does not verify (forged, altered or replayed)."""
+
+
 class JobFailedError(StyleQueueError):
     """A job a producer waited on ended FAILED or CANCELLED; the message says why."""
 

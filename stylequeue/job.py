@@ -43,6 +43,7 @@ from pydantic import (
 
 from stylequeue.exceptions import ConfigError, JobSpecError, StorageError
 from stylequeue.storage.uri import check_allowed, parse_object_uri, parse_uri
+from stylequeue.webhooks import EVENTS, TERMINAL_EVENTS, check_url
 
 if TYPE_CHECKING:
     from stylequeue.engine.config import StyleConfig
@@ -105,6 +106,30 @@ class JobStatus(str, Enum):
 _FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMED_OUT})
 
 
+class Webhook(BaseModel):
+    """Where to POST a job's events (docs/service.md#webhooks); the terminal ones unless named."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    url: str = Field(description="https:// (or http://) URL on the deployment's webhook allow-list")
+    events: list[str] = Field(default_factory=lambda: list(TERMINAL_EVENTS), min_length=1,
+                              description=f"any of {', '.join(EVENTS)}")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        check_url(value, None)  # its form; the allow-list needs settings (JobSpec._check_allowed)
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: list[str]) -> list[str]:
+        unknown = [e for e in value if e not in EVENTS]
+        if unknown:
+            raise ValueError(f"unknown event(s) {', '.join(map(repr, unknown))}; choose from {', '.join(EVENTS)}")
+        return list(dict.fromkeys(value))
+
+
 class JobSpec(BaseModel):
     """What a producer asks for. Strict: unknown fields and wrong types are errors, not guesses."""
 
@@ -123,6 +148,8 @@ class JobSpec(BaseModel):
         None, ge=0, le=9, description="0 is the highest with Celery's Redis transport; None: queue default")
     preview_every: int | None = Field(None, ge=0, description="iterations between previews; 0 = none")
     checkpoint_every: int | None = Field(None, ge=0, description="iterations between checkpoints; 0 = none")
+    # Not a result field: who hears of the job changes nothing in what it makes (digest).
+    webhook: Webhook | None = Field(None, description="URL and events to POST, signed (docs/service.md)")
 
     @field_validator("job_id")
     @classmethod
@@ -210,8 +237,9 @@ class JobSpec(BaseModel):
         return self.model_dump(mode="json")
 
     def public_dict(self) -> dict[str, Any]:
-        """The spec as recorded in result.json (nothing secret is ever in a spec)."""
-        return self.model_dump(mode="json", exclude_none=True)
+        """The spec as recorded in result.json. The webhook is left out: its URL may be a
+        capability (a token in its query), and it did not shape the result."""
+        return self.model_dump(mode="json", exclude_none=True, exclude={"webhook"})
 
     def output_prefix(self, settings: "Settings") -> str:
         return self.output or f"{settings.resolved_storage_root}/jobs/{self.job_id}"
@@ -283,6 +311,11 @@ def _check_allowed(spec: JobSpec, settings: "Settings") -> None:
             check_allowed(parse_uri(uri), uri, prefixes)
         except StorageError as exc:
             raise ValueError(f"{field}: {exc}") from None
+    if spec.webhook is not None:
+        try:  # the allow-list and any IP literal; names are resolved at submit and at sending
+            check_url(spec.webhook.url, settings.webhook_allowed, resolve=False)
+        except ConfigError as exc:
+            raise ValueError(f"webhook.url: {exc}") from None
 
 
 def format_errors(exc: ValidationError) -> str:
@@ -364,4 +397,4 @@ class JobPaths:
         return f"{self.prefix}/work/"
 
 
-__all__ = ["CONTENT_TYPES", "JobPaths", "JobSpec", "JobStatus", "MAX_STYLES", "format_errors"]
+__all__ = ["CONTENT_TYPES", "JobPaths", "JobSpec", "JobStatus", "MAX_STYLES", "Webhook", "format_errors"]

@@ -118,6 +118,20 @@ class Settings:
     shutdown_grace_s: int = 25
     manifest_max_in_flight: int = 8
 
+    # Webhooks (docs/service.md#webhooks). Deliveries are signed with this key (Standard Webhooks:
+    # "whsec_<base64>"; several, comma-separated, while rotating); a job asking for a webhook is
+    # refused at submit without one. They go only where webhook_allowed says: comma-separated hosts
+    # ("hooks.example.com", "*.example.com", "*" for any public host) or URL prefixes; a private or
+    # loopback address only when its host or prefix is listed by name. Each attempt waits
+    # webhook_timeout_s; failed attempts are retried with backoff for webhook_retry_for_s.
+    # webhook_presign_s > 0 puts a presigned result URL of that lifetime in `succeeded` (s3 only).
+    webhook_secret: str = ""
+    webhook_allowed: str = ""
+    webhook_timeout_s: float = 5.0
+    webhook_retry_for_s: int = 3600
+    webhook_presign_s: int = 0
+    webhook_progress_every_s: float = 5.0
+
     # Flower.
     flower_port: int = 5555
     flower_address: str = "127.0.0.1"
@@ -183,7 +197,7 @@ class Settings:
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict, with secrets masked, for logs and metadata."""
         out = dataclasses.asdict(self)
-        for key in ("s3_secret_access_key", "s3_access_key_id", "flower_basic_auth"):
+        for key in ("s3_secret_access_key", "s3_access_key_id", "flower_basic_auth", "webhook_secret"):
             if out.get(key):
                 out[key] = "***"
         for key in ("broker_url", "result_backend"):

@@ -15,6 +15,8 @@ repository root, as ``python -m pytest`` and ``python -m bench.<name>`` run.
 * :mod:`testbed.env`: ``service_env_for``, the ``STYLEQUEUE_*`` variables pointing at the servers.
 * :mod:`testbed.workers`: :class:`~testbed.workers.CeleryWorker`, ``start_all`` / ``stop_all``,
   :class:`~testbed.workers.Beat`, and ``start_stylequeue`` / ``stop_process`` for other commands.
+* :mod:`testbed.receiver`: :class:`~testbed.receiver.WebhookReceiver`, an HTTP server that records
+  webhook deliveries and answers as scripted (statuses in turn, or never).
 * :mod:`testbed.poison`: a worker plugin (``--include testbed.poison``) whose stylize task kills
   its process for one job id, for the fault tests.
 """

@@ -31,6 +31,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "stylequeue.cli.worker",
     "stylequeue.cli.submit",
     "stylequeue.cli.status",
+    "stylequeue.cli.jobs",
     "stylequeue.cli.cancel",
     "stylequeue.cli.manifest",
     "stylequeue.cli.beat",

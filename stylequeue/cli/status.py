@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from stylequeue.cli import print_json, progress_line
+from stylequeue.cli.jobs import history_line
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +24,7 @@ def status_command(args: argparse.Namespace) -> int:
     status = job.status()
     info: dict[str, Any] = {"job_id": job.job_id, "status": status.value, "result_uri": job.result_uri,
                             "progress": job.progress(), "error": job.error(), "result": job.result(),
-                            "flower_url": job_task_url(job)}
+                            "flower_url": job_task_url(job), "history": job.history()}
     if args.json:
         print_json(info)
         return 0
@@ -35,4 +36,6 @@ def status_command(args: argparse.Namespace) -> int:
         print(f"  error: {info['error']}")
     if info["result"]:
         print(f"  result: {info['result'].get('result_uri')}")
+    if info["history"]:
+        print(f"  history: {history_line(info['history'])}")
     return 0

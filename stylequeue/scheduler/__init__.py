@@ -1,7 +1,7 @@
 """What a producer imports: submit jobs, batches and manifests, and follow them.
 
 ```python
-from stylequeue.scheduler import submit, get_job, submit_group, submit_manifest
+from stylequeue.scheduler import submit, get_job, submit_group, submit_manifest, list_jobs
 ```
 
 Nothing here imports torch: producers stay light. Periodic work (manifest pick-up, preview
@@ -11,6 +11,7 @@ its schedule in :mod:`stylequeue.tasks.app`, and ``stylequeue beat`` starts it.
 """
 
 from stylequeue.scheduler.groups import BatchHandle, GroupHandle, submit_batch, submit_group
+from stylequeue.scheduler.history import list_jobs
 from stylequeue.scheduler.jobs import JobHandle, get_job, submit
 from stylequeue.scheduler.manifest import ManifestReport, parse_manifest, submit_manifest
 
@@ -20,6 +21,7 @@ __all__ = [
     "JobHandle",
     "ManifestReport",
     "get_job",
+    "list_jobs",
     "parse_manifest",
     "submit",
     "submit_batch",

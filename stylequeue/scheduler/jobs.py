@@ -38,6 +38,9 @@ from stylequeue.job import JobPaths, JobSpec, JobStatus, fit_to_fleet
 from stylequeue.settings import Settings
 from stylequeue.tasks.app import TASK_PUBLISH, TASK_STYLIZE, TASK_TILES, TASK_VALIDATE, settings_of
 from stylequeue.tasks.control import JobControl
+from stylequeue.tasks.history import JobHistory
+from stylequeue.tasks.lifecycle import job_event
+from stylequeue.webhooks import check_url, signing_keys
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,21 @@ def parse_spec(spec: JobSpec | Mapping[str, Any] | str | bytes, settings: Settin
     that a job too large for one worker is tiled (job.fit_to_fleet)."""
     data = spec.message() if isinstance(spec, JobSpec) else spec
     job = JobSpec.parse(data, settings)
-    return fit_to_fleet(job, settings) if settings is not None else job
+    if settings is None:
+        return job
+    if job.webhook is not None:
+        _check_webhook(job, settings)
+    return fit_to_fleet(job, settings)
+
+
+def _check_webhook(job: JobSpec, settings: Settings) -> None:
+    """At submit only (workers re-check at sending): the deployment can sign, and the URL's host
+    resolves to addresses it allows."""
+    try:
+        signing_keys(settings.webhook_secret)
+        check_url(job.webhook.url, settings.webhook_allowed, resolve=True)  # type: ignore[union-attr]
+    except StyleQueueError as exc:
+        raise JobSpecError(f"invalid job spec:\n  webhook: {exc}") from None
 
 
 def build_chain(app: Celery, spec: JobSpec, ids: list[str]) -> Signature:
@@ -203,6 +220,11 @@ class JobHandle:
                 )
             time.sleep(poll_s)
 
+    def history(self) -> dict[str, Any] | None:
+        """The job's history record (tasks/history.py): status as the workers last wrote it,
+        submitted/started/ended times, worker, error, last webhook delivery; None if expired."""
+        return JobHistory(self.app).get(self.job_id)
+
     def presigned_url(self, expires_s: int = 3600) -> str:
         """A link anyone can GET the result image from, for ``expires_s`` seconds (``s3://`` only).
 
@@ -255,8 +277,7 @@ def _claim(app: Celery, job: JobSpec, *, replace: bool = False) -> tuple[JobHand
             "(or leave output out: each job then gets <storage_root>/jobs/<job_id>)"
         )
     if control.claim(job.job_id, record):
-        control.track(job.job_id)  # the recovery sweep watches it until it ends
-        return JobHandle.from_record(app, job.job_id, record), True
+        return _claimed(app, job, record), True
     old = control.record(job.job_id) or record
     existing = JobHandle.from_record(app, job.job_id, old)
     status = existing.status()
@@ -282,8 +303,14 @@ def _claim(app: Celery, job: JobSpec, *, replace: bool = False) -> tuple[JobHand
         _delete_quietly(app, old.get("checkpoint_uri"))
     if not control.claim(job.job_id, record):
         raise JobSpecError(f"job {job.job_id} was resubmitted by someone else at the same moment")
-    control.track(job.job_id)
-    return JobHandle.from_record(app, job.job_id, record), True
+    return _claimed(app, job, record), True
+
+
+def _claimed(app: Celery, job: JobSpec, record: dict[str, Any]) -> JobHandle:
+    """A job this caller claimed: watched by the recovery sweep until it ends, and a fresh history."""
+    JobControl(app).track(job.job_id)
+    job_event(app, job, "submitted", submitted_at=record["submitted_at"])
+    return JobHandle.from_record(app, job.job_id, record)
 
 
 def _delete_quietly(app: Celery, uri: str | None) -> None:

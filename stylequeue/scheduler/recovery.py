@@ -41,6 +41,7 @@ from stylequeue.settings import Settings
 from stylequeue.tasks.app import settings_of
 from stylequeue.tasks.broker import broker_redis, is_redis_broker, queue_keys, queued_and_taken
 from stylequeue.tasks.control import JobControl
+from stylequeue.tasks.lifecycle import job_event
 from stylequeue.tasks.sent import resend
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ class Recovery:
                 f"then resubmit job {job_id}"
             )
             self.app.backend.mark_as_failure(task_id, error)
+            job_event(self.app, job_id, "failed", error=f"{type(error).__name__}: {error}")
             report.failed.append(task_id)
             log.error("recovery: %s", error)
             return

@@ -35,13 +35,15 @@ TASK_CONTACT_SHEET = "stylequeue.contact_sheet"
 TASK_SCAN_MANIFESTS = "stylequeue.scan_manifests"
 TASK_EXPIRE_PREVIEWS = "stylequeue.expire_previews"
 TASK_RECOVER = "stylequeue.recover"
+# One webhook delivery of a job's lifecycle event (tasks/webhook.py): light queue, never a GPU's.
+TASK_WEBHOOK = "stylequeue.webhook"
 # The messages of a job (and a batch's sheet): remembered when sent, re-sent if the broker loses one.
 JOB_TASKS = frozenset({TASK_VALIDATE, TASK_STYLIZE, TASK_PUBLISH, TASK_CONTACT_SHEET, TASK_TILES, TASK_TILE,
                        TASK_BLEND})
 
 # What a worker imports to know every task above.
 TASK_MODULES = ("stylequeue.tasks.chain", "stylequeue.tasks.tiles", "stylequeue.tasks.sheet",
-                "stylequeue.scheduler.beat")
+                "stylequeue.tasks.webhook", "stylequeue.scheduler.beat")
 
 # Redis emulates priorities with one list per step; 0 is served first (the opposite of AMQP).
 PRIORITY_STEPS = list(range(10))
@@ -83,6 +85,8 @@ def _check_limits(settings: Settings) -> None:
         raise ConfigError(f"lease_ttl_s must be at least 3 s (it is renewed every third), got {settings.lease_ttl_s}")
     if settings.shutdown_grace_s < 0 or settings.recover_every_s < 1:
         raise ConfigError("shutdown_grace_s must be >= 0 and recover_every_s >= 1")
+    if settings.webhook_timeout_s <= 0 or settings.webhook_retry_for_s < 0 or settings.webhook_progress_every_s < 0:
+        raise ConfigError("webhook_timeout_s must be > 0, webhook_retry_for_s and webhook_progress_every_s >= 0")
     if settings.visibility_timeout <= settings.job_time_limit:
         raise ConfigError(
             f"visibility_timeout ({settings.visibility_timeout}s) must exceed job_time_limit "
@@ -150,6 +154,7 @@ def _routes(settings: Settings) -> dict[str, dict[str, str]]:
         TASK_SCAN_MANIFESTS: light,
         TASK_EXPIRE_PREVIEWS: light,
         TASK_RECOVER: light,
+        TASK_WEBHOOK: light,
     }
 
 

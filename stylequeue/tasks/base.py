@@ -4,7 +4,9 @@
   kills its worker cannot loop);
 * :class:`TransientStorageError` is retried with backoff, every other error fails at once;
 * a task past its soft time limit fails as :class:`JobTimeoutError`, in words;
-* :meth:`JobTask.cancel_now` ends a task as REVOKED ("cancelled") and stops its chain.
+* :meth:`JobTask.cancel_now` ends a task as REVOKED ("cancelled") and stops its chain;
+* a job's failure, time-out or cancellation, in whichever of its tasks, is a lifecycle event
+  (tasks/lifecycle.py): its history record and its webhook hear of it.
 
 And what every task of a job first does: re-validate its message, find its paths and storage
 (:func:`load_job`), and see whether the job already completed (:func:`finished_record`).
@@ -17,7 +19,7 @@ import logging
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 
 from stylequeue.exceptions import (
     JobTimeoutError,
@@ -29,6 +31,7 @@ from stylequeue.exceptions import (
 from stylequeue.job import JobPaths, JobSpec
 from stylequeue.tasks.app import app, settings_of
 from stylequeue.tasks.control import JobControl
+from stylequeue.tasks.lifecycle import job_event
 from stylequeue.worker.resources import resources_for
 
 log = logging.getLogger(__name__)
@@ -72,7 +75,17 @@ class JobTask(Task):
         log.info("job %s cancelled; %s stops", job_id, self.name)
         self.send_event("task-revoked", terminated=False, signum=None, expired=False)
         self.backend.mark_as_revoked(self.request.id, CANCELLED_REASON, request=self.request)
+        job_event(self.app, job_id, "cancelled", error=f"job {job_id} was cancelled")
         raise Ignore()
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """A job's task failed for good (after its retries): the job is timed_out for a time limit
+        (soft, or hard: Celery calls this in the worker's main process then), failed otherwise."""
+        message = args[0] if args and isinstance(args[0], dict) and "job_id" in args[0] else None
+        if message is None:
+            return  # a group's contact sheet or a periodic task: no job of its own
+        event = "timed_out" if isinstance(exc, (JobTimeoutError, TimeLimitExceeded)) else "failed"
+        job_event(self.app, message, event, error=f"{type(exc).__name__}: {exc}")
 
     def check_cancelled(self, job_id: str) -> None:
         if JobControl(self.app).is_cancelled(job_id):

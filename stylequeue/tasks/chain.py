@@ -26,6 +26,7 @@ from stylequeue.tasks.base import JobTask, finished_record, load_job, resources,
 from stylequeue.tasks.control import JobControl
 from stylequeue.tasks.gpu import GpuRun, gpu_run
 from stylequeue.tasks.lease import mark_draining
+from stylequeue.tasks.lifecycle import job_event
 from stylequeue.tasks.tiles import tile_records
 from stylequeue.worker.step import run_step
 
@@ -144,6 +145,9 @@ def publish(self: JobTask, message: dict[str, Any]) -> dict[str, Any]:
     spec, paths, store = load_job(message)
     done = finished_record(store, paths, spec)
     if done is not None:
+        # Published before (a redelivery): the event again, in case the first delivery died
+        # before sending it; the history takes it once.
+        job_event(self.app, spec, "succeeded")
         return _summary(done)
     self.check_cancelled(spec.job_id)
     steps, passes = spec.stages()
@@ -174,6 +178,7 @@ def publish(self: JobTask, message: dict[str, Any]) -> dict[str, Any]:
     for uri in (paths.checkpoint, *store.list(paths.work)):
         store.delete(uri)
     JobControl(self.app).untrack(spec.job_id)  # nothing left for recovery to watch
+    job_event(self.app, spec, "succeeded")
     return _summary(record)
 
 

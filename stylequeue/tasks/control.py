@@ -32,7 +32,9 @@ class KeyValue(Protocol):
     """What the control flags need: atomic ``add`` and ``incr``, and one small index of members.
 
     The index (``index_add`` and friends) lists the jobs that have not ended, so the recovery
-    sweep (:mod:`stylequeue.scheduler.recovery`) never has to scan every key of the backend.
+    sweep (:mod:`stylequeue.scheduler.recovery`) never has to scan every key of the backend;
+    scored indexes read a page at a time (``index_range``) are the job history's
+    (:mod:`stylequeue.tasks.history`), whose records change by compare-and-set (``replace_if``).
     """
 
     def get(self, key: str) -> str | None: ...
@@ -40,11 +42,14 @@ class KeyValue(Protocol):
     def renew(self, key: str, value: str, ttl_s: int) -> bool: ...
     def delete_if(self, key: str, value: str) -> bool: ...
     def put(self, key: str, value: str) -> None: ...
+    def replace_if(self, key: str, old: str, new: str) -> bool: ...
     def incr(self, key: str) -> int: ...
     def delete(self, key: str) -> None: ...
-    def index_add(self, index: str, member: str) -> None: ...
+    def index_add(self, index: str, member: str, score: float | None = None) -> None: ...
     def index_remove(self, index: str, member: str) -> None: ...
     def index_members(self, index: str) -> list[str]: ...
+    def index_range(self, index: str, high: float | None, low: float | None, offset: int,
+                    count: int) -> list[tuple[str, float]]: ...
 
 
 class RedisKeyValue:
@@ -64,6 +69,8 @@ class RedisKeyValue:
     # Compare-and-set in one round trip: only the holder of ``value`` extends or drops the key.
     _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end return 0"
     _DELETE_IF = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+    _REPLACE_IF = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                   "redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]) return 1 end return 0")
 
     def renew(self, key: str, value: str, ttl_s: int) -> bool:
         return bool(self.client.eval(self._RENEW, 1, key, value, ttl_s))  # type: ignore[attr-defined]
@@ -73,6 +80,9 @@ class RedisKeyValue:
 
     def put(self, key: str, value: str) -> None:
         self.client.set(key, value, ex=self.expires_s)  # type: ignore[attr-defined]
+
+    def replace_if(self, key: str, old: str, new: str) -> bool:
+        return bool(self.client.eval(self._REPLACE_IF, 1, key, old, new, self.expires_s))  # type: ignore[attr-defined]
 
     def incr(self, key: str) -> int:
         pipe = self.client.pipeline()  # type: ignore[attr-defined]
@@ -84,9 +94,13 @@ class RedisKeyValue:
         self.client.delete(key)  # type: ignore[attr-defined]
 
     # A sorted set scored by the time a member joined: oldest first, and members older than
-    # the results themselves can be dropped by score (their records have expired).
-    def index_add(self, index: str, member: str) -> None:
-        self.client.zadd(index, {member: time.time()})  # type: ignore[attr-defined]
+    # the results themselves can be dropped by score (their records have expired). The set itself
+    # expires with the results after its last addition, as every control key does.
+    def index_add(self, index: str, member: str, score: float | None = None) -> None:
+        pipe = self.client.pipeline()  # type: ignore[attr-defined]
+        pipe.zadd(index, {member: time.time() if score is None else score})
+        pipe.expire(index, self.expires_s)
+        pipe.execute()
 
     def index_remove(self, index: str, member: str) -> None:
         self.client.zrem(index, member)  # type: ignore[attr-defined]
@@ -95,6 +109,16 @@ class RedisKeyValue:
         self.client.zremrangebyscore(index, "-inf", time.time() - self.expires_s)  # type: ignore[attr-defined]
         return [m.decode() if isinstance(m, bytes) else m
                 for m in self.client.zrange(index, 0, -1)]  # type: ignore[attr-defined]
+
+    def index_range(self, index: str, high: float | None, low: float | None, offset: int,
+                    count: int) -> list[tuple[str, float]]:
+        """(member, score) with ``low <= score <= high``, highest first (equal scores: member
+        descending), from ``offset``; members older than the results are dropped first."""
+        self.client.zremrangebyscore(index, "-inf", time.time() - self.expires_s)  # type: ignore[attr-defined]
+        rows = self.client.zrevrangebyscore(  # type: ignore[attr-defined]
+            index, "+inf" if high is None else repr(high), "-inf" if low is None else repr(low),
+            start=offset, num=count, withscores=True)
+        return [(m.decode() if isinstance(m, bytes) else m, float(score)) for m, score in rows]
 
 
 class FileKeyValue:
@@ -149,6 +173,17 @@ class FileKeyValue:
     def put(self, key: str, value: str) -> None:
         atomic_write_bytes(self._path(key), value.encode())
 
+    def replace_if(self, key: str, old: str, new: str) -> bool:
+        """Compare-and-set under an flock of a lock file beside the key (``put`` replaces the key's
+        file, so the key itself cannot carry the lock)."""
+        fd = os.open(self.folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        with os.fdopen(fd) as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.get(key) != old:
+                return False
+            self.put(key, new)
+            return True
+
     def incr(self, key: str) -> int:
         fd = os.open(self._path(key), os.O_RDWR | os.O_CREAT, 0o644)
         with os.fdopen(fd, "r+") as fh:
@@ -167,20 +202,34 @@ class FileKeyValue:
         folder.mkdir(exist_ok=True)
         return folder
 
-    def index_add(self, index: str, member: str) -> None:
-        (self._index_dir(index) / member).touch()
+    def index_add(self, index: str, member: str, score: float | None = None) -> None:
+        """A member is an empty file; its score is its mtime (now, unless given)."""
+        path = self._index_dir(index) / member
+        path.touch()
+        if score is not None:
+            os.utime(path, ns=(int(score * 1e9),) * 2)
 
     def index_remove(self, index: str, member: str) -> None:
         (self._index_dir(index) / member).unlink(missing_ok=True)
 
-    def index_members(self, index: str) -> list[str]:
+    def _scored(self, index: str) -> list[tuple[float, str]]:
         entries = []
         for path in self._index_dir(index).iterdir():
             try:
-                entries.append((path.stat().st_mtime, path.name))
+                entries.append((path.stat().st_mtime_ns / 1e9, path.name))
             except FileNotFoundError:
                 continue  # removed while we listed it
-        return [name for _, name in sorted(entries)]
+        return sorted(entries)
+
+    def index_members(self, index: str) -> list[str]:
+        return [name for _, name in self._scored(index)]
+
+    def index_range(self, index: str, high: float | None, low: float | None, offset: int,
+                    count: int) -> list[tuple[str, float]]:
+        """As :meth:`RedisKeyValue.index_range`; one machine's index is small enough to list whole."""
+        rows = [(name, score) for score, name in reversed(self._scored(index))
+                if (high is None or score <= high) and (low is None or score >= low)]
+        return rows[offset:offset + count]
 
 
 def key_value(app: Celery) -> KeyValue:

@@ -22,6 +22,7 @@ from stylequeue.tasks import objects
 from stylequeue.tasks.base import JobTask
 from stylequeue.tasks.control import JobControl
 from stylequeue.tasks.lease import Lease, LeaseHeldError, StopPoller, remaining_seconds
+from stylequeue.tasks.lifecycle import job_event
 from stylequeue.tasks.progress import ProgressReporter
 from stylequeue.worker.resources import Resources
 
@@ -57,10 +58,16 @@ class GpuRun:
     def save_image(self, uri: str, image: Image.Image) -> None:
         self.write(uri, encode_image(image, "png"), "image/png")
 
-    def reporter(self, preview_every: int) -> ProgressReporter:
-        """The engine's callback: PROGRESS state, task-progress event, fenced previews."""
+    def reporter(self, preview_every: int, *, job_progress: bool = True) -> ProgressReporter:
+        """The engine's callback: PROGRESS state, task-progress event, fenced previews, and (when
+        this task's count is the job's, ``job_progress``) the job's progress lifecycle event."""
         return ProgressReporter(self.task, self.spec.job_id, preview_every=preview_every,
-                                save_preview=lambda it, img: self.save_image(self.paths.preview(it, time.time()), img))
+                                save_preview=lambda it, img: self.save_image(self.paths.preview(it, time.time()), img),
+                                on_event=self.progress_event if job_progress else None,
+                                event_every_s=self.settings.webhook_progress_every_s)
+
+    def progress_event(self, meta: dict[str, Any]) -> None:
+        job_event(self.task.app, self.spec, "progress", progress=meta)
 
     def poller(self, reporter: ProgressReporter, end_iteration: int) -> StopPoller:
         """The engine's should_stop: cancelled, lease lost, or draining with too little grace."""
@@ -97,6 +104,7 @@ def gpu_run(task: JobTask, spec: JobSpec, paths: JobPaths, store: Any, resources
     try:
         with Lease(JobControl(task.app), spec.job_id, task.request.id, ttl_s=settings.lease_ttl_s,
                    hostname=task.request.hostname or "") as lease:
+            job_event(task.app, spec, "started", worker=task.request.hostname)
             model = resources.model(config.pooling, spec.weights)
             if "network" not in spec.params:
                 config = config.replace(network=model.network.name)  # the weights', unless the job says

@@ -113,11 +113,18 @@ class ProgressReporter:
         *,
         preview_every: int,
         save_preview: Callable[[int, Any], None] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        event_every_s: float = 0.0,
     ) -> None:
         self.task = task
         self.job_id = job_id
         self.preview_every = preview_every
         self.save_preview = save_preview
+        # The job's progress lifecycle event (history, webhook): at most one every event_every_s,
+        # however often the engine reports, so a receiver is not flooded.
+        self.on_event = on_event
+        self.event_every_s = event_every_s
+        self._last_event: float | None = None  # monotonic time of the last one
         self._last_preview: int | None = None  # the iteration of the last preview
         self.last: "Progress | None" = None  # the latest report (how long the step still needs)
 
@@ -130,6 +137,10 @@ class ProgressReporter:
             self.task.send_event(PROGRESS_EVENT, retry=False, **meta, result=progress_text(meta))
         except Exception as exc:  # noqa: BLE001 - an event is best-effort; the state is the record
             log.debug("could not send %s for %s: %s", PROGRESS_EVENT, self.job_id, exc)
+        now = time.monotonic()
+        if self.on_event is not None and (self._last_event is None or now - self._last_event >= self.event_every_s):
+            self._last_event = now
+            self.on_event(meta)  # job_event never raises
         self._maybe_preview(progress)
 
     def _maybe_preview(self, progress: "Progress") -> None:

@@ -77,7 +77,9 @@ def tile(self: JobTask, message: dict[str, Any], tile_pass: int, index: int, pla
         checkpoint = paths.tile_checkpoint(tile_pass, index)
         saved = objects.read_state(store, checkpoint)
         resume = saved if saved is not None and saved.owner == run.owner and saved.matches(config) else None
-        reporter = run.reporter(0)  # previews are of whole pictures; a tile's are not kept
+        # Previews are of whole pictures, and the job's progress counts tiles (JobHandle.progress):
+        # a tile's own count is neither.
+        reporter = run.reporter(0, job_progress=False)
         poller = run.poller(reporter, config.iterations)
         save = lambda state: run.save_state(checkpoint, state)  # noqa: E731
         result = run_tile(run.content, run.styles, run.config, grid, box, start, model=run.model,

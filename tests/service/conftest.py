@@ -80,6 +80,7 @@ def settings(service_env: dict[str, str]) -> Settings:
 # enforces time limits and re-queues a job whose process dies; CUDA (absent here) would first be
 # touched in the child.
 
+from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass as _dataclass  # noqa: E402
 from typing import Any as _Any  # noqa: E402
 
@@ -95,12 +96,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def module_service_env(redis_server: RedisServer, s3_server: S3Server, bucket: str,
-                       data: Path) -> dict[str, str]:
-    """service_env's variables for a module-wide bucket, on Redis databases 2 and 3."""
+                       data: Path, **extra: str) -> dict[str, str]:
+    """service_env's variables for a module-wide bucket, on Redis databases 2 and 3 (``extra``
+    adds or overrides variables)."""
     return service_env_for(
         redis_server, s3_server, bucket, data, broker_db=2, backend_db=3,
         # Small cadences so tests see progress, previews and checkpoints within a few iterations.
-        STYLEQUEUE_PROGRESS_EVERY="1", STYLEQUEUE_PREVIEW_EVERY="2", STYLEQUEUE_CHECKPOINT_EVERY="2",
+        STYLEQUEUE_PROGRESS_EVERY="1", STYLEQUEUE_PREVIEW_EVERY="2", STYLEQUEUE_CHECKPOINT_EVERY="2", **extra,
     )
 
 
@@ -137,11 +139,11 @@ class ServiceWorkers:
                 f"--- light worker log ---\n{self.light.log_text()[-6000:]}")
 
 
-@pytest.fixture(scope="module")
-def service_workers(
-    redis_server: RedisServer, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServiceWorkers]:
-    """A GPU-queue worker and a light-queue worker for this module, stopped (warm) at its end."""
+@contextmanager
+def module_workers(redis_server: RedisServer, s3_server: S3Server, data: Path,
+                   **extra_env: str) -> Iterator[ServiceWorkers]:
+    """A GPU-queue and a light-queue worker on ``redis_server`` with ``module_service_env``'s
+    variables (plus ``extra_env``) and a bucket of their own; stopped (warm) on exit."""
     from stylequeue.tasks.app import make_app
 
     if not redis_server.running:
@@ -149,7 +151,7 @@ def service_workers(
     for db in (2, 3):
         redis_server.client(db).flushdb()
     bucket = s3_server.make_bucket()
-    env = module_service_env(redis_server, s3_server, bucket, tmp_path_factory.mktemp("service"))
+    env = module_service_env(redis_server, s3_server, bucket, data, **extra_env)
     settings = load_settings(environ=env)
     gpu = CeleryWorker(env, settings.gpu_queue, name="gpu0")
     light = CeleryWorker(env, settings.light_queue, name="light", concurrency=2)
@@ -159,6 +161,15 @@ def service_workers(
     finally:
         stop_all([gpu, light])
         s3_server.remove_bucket(bucket)
+
+
+@pytest.fixture(scope="module")
+def service_workers(
+    redis_server: RedisServer, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceWorkers]:
+    """A GPU-queue worker and a light-queue worker for this module, stopped (warm) at its end."""
+    with module_workers(redis_server, s3_server, tmp_path_factory.mktemp("service")) as workers:
+        yield workers
 
 
 @pytest.fixture

@@ -58,6 +58,21 @@ def test_index_lists_members_oldest_first(store: KeyValue) -> None:
     assert store.index_members("idx") == ["b", "c"]
 
 
+def test_replace_if_is_compare_and_set_and_scored_indexes_page(store: KeyValue) -> None:
+    assert not store.replace_if("r", "x", "y")  # nothing to compare with
+    store.put("r", "one")
+    assert not store.replace_if("r", "zero", "two") and store.get("r") == "one"
+    assert store.replace_if("r", "one", "two") and store.get("r") == "two"
+    now = time.time()
+    for member, score in (("a", now - 3), ("b", now - 1), ("c", now - 2), ("d", now - 1)):
+        store.index_add("scored", member, score)
+    assert [m for m, _ in store.index_range("scored", None, None, 0, 10)] == ["d", "b", "c", "a"]
+    assert [m for m, _ in store.index_range("scored", now - 1.5, now - 2.5, 0, 10)] == ["c"]
+    assert [m for m, _ in store.index_range("scored", None, None, 1, 2)] == ["b", "c"]
+    if isinstance(store, RedisKeyValue):  # an index expires with the results, as every control key
+        assert 3500 < store.client.ttl("scored") <= 3600
+
+
 def test_missing_since_keeps_the_first_sighting(store: KeyValue, tmp_path: Path) -> None:
     control = JobControl(None, store)  # type: ignore[arg-type]
     assert control.missing_since("t", 100.0) == 100.0

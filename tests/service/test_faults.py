@@ -274,6 +274,11 @@ def test_a_job_past_its_time_limit_is_timed_out_and_the_worker_goes_on(fs: Stack
     with pytest.raises(JobFailedError, match="timed_out"):
         job.wait(timeout=5)
     assert "time limit" in (job.error() or "").lower() or "TimeLimitExceeded" in (job.error() or "")
+    # The history hears of it from JobTask.on_failure (for the hard limit, in the worker's main
+    # process; billiard may signal the soft limit to the child in the same instant, and the first
+    # to write wins); this job was sent without submit(), so its record is made from the message.
+    record = wait_for(lambda: (job.history() or {}).get("status") == "timed_out" and job.history(), 10, "history")
+    assert record["error"].startswith(("JobTimeoutError", "TimeLimitExceeded")) and record["started_at"]
     _ok(fs)
 
 
@@ -287,6 +292,7 @@ def test_a_poison_job_stops_after_max_deliveries_and_others_complete(fs: Stack) 
     assert poison.status() is JobStatus.FAILED
     message = str(info.value)
     assert "TooManyDeliveriesError" in message and "delivered 4 times (limit 3)" in message, message
+    assert poison.history()["status"] == "failed" and "TooManyDeliveriesError" in poison.history()["error"]
     for job in others:
         assert job.wait(timeout=120)["status"] == "succeeded"
     assert all(w.running for w in fs.workers)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stylequeue.cli import print_json, progress_line
+
+if TYPE_CHECKING:
+    from stylequeue.scheduler import JobHandle
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,18 +21,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def status_command(args: argparse.Namespace) -> int:
     from stylequeue.scheduler import get_job
 
-    job = get_job(args.job_id)
-    status = job.status()
-    info: dict[str, Any] = {"job_id": job.job_id, "status": status.value, "result_uri": job.result_uri,
-                            "progress": job.progress(), "error": job.error(), "result": job.result()}
+    info = status_info(get_job(args.job_id))
     if args.json:
         print_json(info)
         return 0
-    print(f"{job.job_id}: {status.value}")
-    if info["progress"]:
-        print(f"  {progress_line(info['progress'])}")
-    if info["error"]:
-        print(f"  error: {info['error']}")
-    if info["result"]:
-        print(f"  result: {info['result'].get('result_uri')}")
+    print("\n".join(status_lines(info)))
     return 0
+
+
+def status_info(job: "JobHandle") -> dict[str, Any]:
+    """What ``status --json`` prints: the job's status, progress, error and result."""
+    return {"job_id": job.job_id, "status": job.status().value, "result_uri": job.result_uri,
+            "progress": job.progress(), "error": job.error(), "result": job.result()}
+
+
+def status_lines(info: dict[str, Any]) -> list[str]:
+    """``<job_id>: <status>`` and an indented line each for progress, error and result
+    (``stylequeue demo`` ends with these too)."""
+    lines = [f"{info['job_id']}: {info['status']}"]
+    if info["progress"]:
+        lines.append(f"  {progress_line(info['progress'])}")
+    if info["error"]:
+        lines.append(f"  error: {info['error']}")
+    if info["result"]:
+        lines.append(f"  result: {info['result'].get('result_uri')}")
+    return lines

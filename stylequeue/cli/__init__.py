@@ -30,6 +30,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "stylequeue.cli.weights",
     "stylequeue.cli.worker",
     "stylequeue.cli.submit",
+    "stylequeue.cli.demo",
     "stylequeue.cli.status",
     "stylequeue.cli.cancel",
     "stylequeue.cli.manifest",

@@ -44,13 +44,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from stylequeue.cli import EXIT_JOB_FAILED
-from stylequeue.cli.run import ProgressBar, SignalScope, add_engine_options, engine_overrides, metadata_path
+from stylequeue.cli.run import ProgressBar, SignalScope, add_picture_options, engine_overrides, metadata_path
 from stylequeue.exceptions import JobFailedError, StyleQueueError
 
 if TYPE_CHECKING:
     from celery import Celery
 
     from stylequeue.scheduler import JobHandle
+    from stylequeue.settings import Settings
 
 DEMO_DIR = ".stylequeue-demo"
 # Settings that would point the demo at servers: emptied, so the zero-server defaults apply.
@@ -67,12 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Start a worker on the zero-server defaults under DATA_DIR, submit one job through "
         "stylequeue.scheduler, show its progress, copy its result to OUT and OUT.json, stop the worker.",
     )
-    p.add_argument("content", metavar="CONTENT", help="content image (a local file or a URI)")
-    p.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to copy the result: .png/.jpg/.webp")
-    p.add_argument("--preset", help="seed, gatys or default (default: default)")
-    add_engine_options(p.add_argument_group(
-        "engine options: the job's params (--device and --progress-every: the worker's settings)"))
+    add_picture_options(p, "engine options: the job's params (--device and --progress-every: the worker's settings)")
     p.add_argument("--weights", help="the worker's weights: imagenet, a file, s3://... or random[:SEED] "
                    "(default: settings, STYLEQUEUE_WEIGHTS)")
     p.add_argument("--data-dir", help=f"the private service's folder (default: OUT's folder/{DEMO_DIR})")
@@ -97,10 +93,10 @@ def demo_command(args: argparse.Namespace) -> int:
                               "params": params, "output_format": out.suffix.lower().lstrip(".").replace("jpeg", "jpg")}
     if args.preset:
         fields["preset"] = args.preset
-    gpus = "0" if worker_settings["DEVICE"] == "cpu" else "auto"
     with exclusive(data_dir), SignalScope(_interrupt, (signal.SIGTERM, signal.SIGHUP)):
         shutil.rmtree(data_dir / "broker", ignore_errors=True)
         settings = load_settings(environ=env)
+        gpus = "0" if settings.device == "cpu" else "auto"
         say(f"a private job service in {data_dir} (filesystem broker, file:// storage)")
         worker = DemoWorker(env, data_dir / "worker.log", gpus)
         job: JobHandle | None = None
@@ -132,7 +128,7 @@ def service_env(data_dir: Path, worker_settings: dict[str, Any]) -> dict[str, st
     return env
 
 
-def expected_workers(settings: Any, gpus: str) -> int:
+def expected_workers(settings: "Settings", gpus: str) -> int:
     """How many celery workers ``stylequeue worker --gpus GPUS --concurrency-light 1`` starts."""
     from stylequeue.worker import parse_gpus, plan_workers
 
@@ -251,7 +247,7 @@ def _postfix(progress: dict[str, Any]) -> dict[str, str]:
     return postfix
 
 
-def report(job: "JobHandle", result: dict[str, Any], out: Path, settings: Any) -> int:
+def report(job: "JobHandle", result: dict[str, Any], out: Path, settings: "Settings") -> int:
     """Copy the result and its metadata to OUT and OUT.json; print where they are and the job's status."""
     from stylequeue.cli.run import warn_random_weights
     from stylequeue.cli.status import status_info, status_lines

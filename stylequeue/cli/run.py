@@ -65,12 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Stylise CONTENT with one or more STYLE images and write OUT and OUT.json. "
         "Options left out take the preset's value.",
     )
-    p.add_argument("content", metavar="CONTENT", help="content image (PNG, JPEG, WebP, ...)")
-    p.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output .png/.jpg/.webp")
-    p.add_argument("--preset", help="seed, gatys or default (default: default)")
-    engine = p.add_argument_group("engine options (default: the preset's value)")
-    add_engine_options(engine)
+    engine = add_picture_options(p, "engine options (default: the preset's value)")
     engine.add_argument("--init", metavar="content|noise|PATH", help="starting image")
     io = p.add_argument_group("inputs and outputs")
     io.add_argument(
@@ -90,9 +85,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_command)
 
 
-def add_engine_options(engine: argparse._ArgumentGroup) -> None:
-    """The options of :data:`_PASSTHROUGH`, shared with ``stylequeue demo`` (which sends them as a
-    job's params), so ``scripts/demo.sh`` takes the same options with or without ``--local``."""
+def add_picture_options(p: argparse.ArgumentParser, engine_title: str) -> argparse._ArgumentGroup:
+    """CONTENT STYLE... -o OUT --preset and the engine options (:data:`_PASSTHROUGH`), which
+    ``stylequeue demo`` shares (sending them as a job's params), so ``scripts/demo.sh`` takes the
+    same options with or without ``--local``. Returns the engine options' group."""
+    p.add_argument("content", metavar="CONTENT", help="content image (PNG, JPEG, WebP, ...)")
+    p.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output .png/.jpg/.webp")
+    p.add_argument("--preset", help="seed, gatys or default (default: default)")
+    engine = p.add_argument_group(engine_title)
     engine.add_argument("--size", type=int, help="longest side of the output, pixels")
     engine.add_argument("--iterations", type=int, help="optimiser steps per scale")
     engine.add_argument("--optimizer", help="adam or lbfgs")
@@ -128,6 +129,7 @@ def add_engine_options(engine: argparse._ArgumentGroup) -> None:
                         "the style together, as one picture; global: each tile matches it alone")
     engine.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: settings)")
     engine.add_argument("--progress-every", type=int, metavar="N", help="report every N steps")
+    return engine
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -153,12 +153,21 @@ def _demo(tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
 
 
 def test_a_failed_job_exits_3_with_its_error_and_stops_the_worker(tmp_path: Path) -> None:
+    from stylequeue.settings import load_settings
+    from stylequeue.tasks.app import make_app
+
+    # A message an interrupted demo left in the broker: the next demo must not run it.
+    stale = make_app(load_settings(environ={"STYLEQUEUE_DATA_DIR": str(tmp_path / "service")}))
+    stale.send_task("stylequeue.validate", args=[{"job_id": "stale"}], task_id="stale-message")
+    assert list((tmp_path / "service/broker/queue").iterdir())
     proc = _demo(tmp_path, "--weights", str(tmp_path / "missing.pth"), "--size", "32", "--iterations", "2")
     out, err = (text.decode() for text in proc.communicate(timeout=180))
     assert proc.returncode == 3, out + err
     assert " failed: " in err and "missing.pth" in err
     assert "worker stopped" in err and not (tmp_path / "out.png").exists()
     assert not _workers_left(f"STYLEQUEUE_DATA_DIR={tmp_path / 'service'}")
+    log = (tmp_path / "service/worker.log").read_text()
+    assert "stylequeue.stylize" in log and "stale-message" not in log
 
 
 def test_ctrl_c_cancels_the_job_and_stops_the_worker(tmp_path: Path) -> None:
@@ -169,10 +178,15 @@ def test_ctrl_c_cancels_the_job_and_stops_the_worker(tmp_path: Path) -> None:
         chunk = proc.stderr.read1(4096)  # type: ignore[attr-defined]
         assert chunk, f"the demo ended before its job ran: {seen.decode()}"
         seen += chunk
+    marker = f"STYLEQUEUE_DATA_DIR={tmp_path / 'service'}"
+    assert len(_workers_left(marker)) >= 3  # the check below sees the launcher and its celery workers
+    second = _demo(tmp_path, "--size", "32")  # the same data dir: refused, the running demo untouched
+    assert second.wait(timeout=60) == 2
+    assert second.stderr is not None and b"another `stylequeue demo` is running in" in second.stderr.read()
     proc.send_signal(signal.SIGINT)
     out, err = (text.decode() for text in proc.communicate(timeout=120))
     err = seen.decode() + err
     assert proc.returncode == 130, out + err
     assert "cancelling job demo-" in err and "worker stopped" in err
     assert "cancelled; stylequeue.stylize stops" in (tmp_path / "service/worker.log").read_text()
-    assert not _workers_left(f"STYLEQUEUE_DATA_DIR={tmp_path / 'service'}")
+    assert not _workers_left(marker)

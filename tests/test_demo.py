@@ -14,12 +14,13 @@ and its metadata, the console. What they do not cover: downloading torch and the
 PYTHONPATH (a folder of links to them that leaves out stylequeue, pip and setuptools, so the new
 environment's own pip installs the copy), and setup.sh is given this interpreter's base Python
 (``PYTHON``, which setup.sh reads) so the compiled packages match; pip still fetches setuptools
-from PyPI, as it does for a new user. The default size (256 px) is not run here: README gives its
-time, measured by hand.
+(the build backend, and a dependency of torch) from the index it is configured with, as for a new
+user. The default size (256 px) is not run here: README gives its time, measured by hand.
 
 The last two run ``stylequeue demo`` with this interpreter: a job that fails (exit 3, its error
-printed) and Ctrl-C while the job runs (the job cancelled, exit 130). Each test ends by checking
-with ``ps`` that no process of the demo's worker is left.
+printed; a stale message left in the broker is not run) and Ctrl-C while the job runs (the job
+cancelled, exit 130; a second demo on the same folder refused meanwhile). Every test that starts a
+worker checks with ``ps`` that no process of it is left.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from stylequeue.cli import EXIT_JOB_FAILED
-from stylequeue.cli.run import ProgressBar, SignalScope, add_picture_options, engine_overrides, metadata_path
+from stylequeue.cli.run import (ProgressBar, SignalScope, add_picture_options, engine_overrides, metadata_path,
+                                warn_random_weights)
 from stylequeue.exceptions import JobFailedError, StyleQueueError
 
 if TYPE_CHECKING:
@@ -249,7 +250,6 @@ def _postfix(progress: dict[str, Any]) -> dict[str, str]:
 
 def report(job: "JobHandle", result: dict[str, Any], out: Path, settings: "Settings") -> int:
     """Copy the result and its metadata to OUT and OUT.json; print where they are and the job's status."""
-    from stylequeue.cli.run import warn_random_weights
     from stylequeue.cli.status import status_info, status_lines
     from stylequeue.fileio import atomic_write_bytes
     from stylequeue.storage import open_storage

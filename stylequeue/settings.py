@@ -154,7 +154,8 @@ class Settings:
 
     @property
     def resolved_broker_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        # "localhost": kombu warns about a URL without a host, though this transport needs none.
+        return self.broker_url or "filesystem://localhost//"
 
     @property
     def resolved_result_backend(self) -> str:

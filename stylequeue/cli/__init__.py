@@ -7,7 +7,7 @@ here. Modules import torch, celery and the engine inside their handlers only, so
 
 Exit codes: 0 done, 1 an operating-system error (disk, permissions), 2 a usage or input error
 (bad option, unreadable image, missing weights), 3 a job FAILED or was CANCELLED (``submit
---wait``, ``manifest``), 4 ``--wait`` timed out, 130 interrupted.
+--wait``, ``manifest``, ``demo``), 4 ``--wait`` timed out, 130 interrupted.
 
 Every subcommand reads :class:`Settings` from the environment (``STYLEQUEUE_*``,
 ``STYLEQUEUE_CONFIG``), so a producer's shell and a worker's container agree by configuration.
@@ -30,6 +30,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "stylequeue.cli.weights",
     "stylequeue.cli.worker",
     "stylequeue.cli.submit",
+    "stylequeue.cli.demo",
     "stylequeue.cli.status",
     "stylequeue.cli.jobs",
     "stylequeue.cli.cancel",

@@ -65,11 +65,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Stylise CONTENT with one or more STYLE images and write OUT and OUT.json. "
         "Options left out take the preset's value.",
     )
+    engine = add_picture_options(p, "engine options (default: the preset's value)")
+    engine.add_argument("--init", metavar="content|noise|PATH", help="starting image")
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument(
+        "--weights",
+        help="imagenet, a file path, s3://bucket/key or random[:SEED] (default: settings)",
+    )
+    io.add_argument("--weights-sha256", help="refuse weights whose file has another sha256")
+    io.add_argument("--weights-convention", help="torchvision or caffe: the input the weights expect "
+                    "(default: what the file records, else torchvision)")
+    io.add_argument(
+        "--max-pixels", type=int, help="largest input/output in pixels (default: settings)"
+    )
+    io.add_argument(
+        "--save-every", type=int, metavar="N", help="also write OUT-stem_iterNNNN.ext every N steps"
+    )
+    io.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run_command)
+
+
+def add_picture_options(p: argparse.ArgumentParser, engine_title: str) -> argparse._ArgumentGroup:
+    """CONTENT STYLE... -o OUT --preset and the engine options (:data:`_PASSTHROUGH`), which
+    ``stylequeue demo`` shares (sending them as a job's params), so ``scripts/demo.sh`` takes the
+    same options with or without ``--local``. Returns the engine options' group."""
     p.add_argument("content", metavar="CONTENT", help="content image (PNG, JPEG, WebP, ...)")
     p.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output .png/.jpg/.webp")
     p.add_argument("--preset", help="seed, gatys or default (default: default)")
-    engine = p.add_argument_group("engine options (default: the preset's value)")
+    engine = p.add_argument_group(engine_title)
     engine.add_argument("--size", type=int, help="longest side of the output, pixels")
     engine.add_argument("--iterations", type=int, help="optimiser steps per scale")
     engine.add_argument("--optimizer", help="adam or lbfgs")
@@ -87,7 +111,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         help="keep the content's colours (luminance-only transfer)",
     )
-    engine.add_argument("--init", metavar="content|noise|PATH", help="starting image")
     engine.add_argument("--pooling", help="max or avg")
     engine.add_argument("--style-loss", help="gram (Gatys et al.) or wasserstein (means and covariances)")
     engine.add_argument("--loss-norm", help="none (plain MSE) or relative (each term over its target's "
@@ -106,22 +129,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the style together, as one picture; global: each tile matches it alone")
     engine.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: settings)")
     engine.add_argument("--progress-every", type=int, metavar="N", help="report every N steps")
-    io = p.add_argument_group("inputs and outputs")
-    io.add_argument(
-        "--weights",
-        help="imagenet, a file path, s3://bucket/key or random[:SEED] (default: settings)",
-    )
-    io.add_argument("--weights-sha256", help="refuse weights whose file has another sha256")
-    io.add_argument("--weights-convention", help="torchvision or caffe: the input the weights expect "
-                    "(default: what the file records, else torchvision)")
-    io.add_argument(
-        "--max-pixels", type=int, help="largest input/output in pixels (default: settings)"
-    )
-    io.add_argument(
-        "--save-every", type=int, metavar="N", help="also write OUT-stem_iterNNNN.ext every N steps"
-    )
-    io.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run_command)
+    return engine
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -147,7 +155,7 @@ def run_command(args: argparse.Namespace) -> int:
     setup_s = time.perf_counter() - started
 
     stop = _StopFlag()
-    with _ProgressBar(config.total_iterations, quiet=args.quiet) as bar, stop.installed():
+    with ProgressBar(config.total_iterations, quiet=args.quiet) as bar, stop.installed():
         callback = _callback(bar, out, args.save_every, settings.max_pixels, save_image)
         try:
             if config.tile_size:
@@ -178,7 +186,7 @@ def run_command(args: argparse.Namespace) -> int:
         "setup_s": setup_s,  # images, weights and model
         "command_s": time.perf_counter() - started,  # from parsed arguments to OUT written
     }
-    _write_json(_metadata_path(out), meta)
+    _write_json(metadata_path(out), meta)
     _report(args, out, result, weights_info.random)
     return 130 if result.stopped else 0
 
@@ -229,20 +237,22 @@ def _load_inputs(
     return content, styles, init_image
 
 
+def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The StyleConfig fields of the engine options the user set; the preset fills in the rest."""
+    return {field: getattr(args, dest) for dest, field in _PASSTHROUGH.items() if getattr(args, dest) is not None}
+
+
 def _overrides(args: argparse.Namespace, device: str) -> dict[str, Any]:
-    """Only the options the user set (plus the settings' device); the preset fills in the rest."""
-    overrides = {
-        field: getattr(args, dest)
-        for dest, field in _PASSTHROUGH.items()
-        if getattr(args, dest) is not None
-    }
+    """Only the options the user set (plus the settings' device)."""
+    overrides = engine_overrides(args)
     overrides.setdefault("device", device)
     if args.save_every is not None and args.save_every < 1:
         raise ConfigError(f"--save-every must be at least 1, got {args.save_every}")
     return overrides
 
 
-def _metadata_path(out: Path) -> Path:
+def metadata_path(out: Path) -> Path:
+    """``out.png`` -> ``out.png.json``: the whole name, so out.png and out.jpg never share one."""
     return out.with_name(out.name + ".json")
 
 
@@ -252,7 +262,7 @@ def preview_path(out: Path, iteration: int) -> Path:
 
 
 def _callback(
-    bar: "_ProgressBar",
+    bar: "ProgressBar",
     out: Path,
     save_every: int | None,
     max_pixels: int,
@@ -273,18 +283,23 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, default=str, allow_nan=False) + "\n").encode())
 
 
+def warn_random_weights() -> None:
+    """Said on every console that shows such a result (``run``, ``demo``), as the metadata says it."""
+    print(
+        "stylequeue: WARNING: made with RANDOM VGG19 weights: this is not a real style "
+        "transfer (see \"random_weights\": true in the metadata)",
+        file=sys.stderr,
+    )
+
+
 def _report(args: argparse.Namespace, out: Path, result: Any, random_weights: bool) -> None:
     if random_weights:
-        print(
-            "stylequeue: WARNING: made with RANDOM VGG19 weights: this is not a real style "
-            "transfer (see \"random_weights\": true in the metadata)",
-            file=sys.stderr,
-        )
+        warn_random_weights()
     if result.stopped:
         print(f"stylequeue: stopped early; wrote the partial result to {out}", file=sys.stderr)
     elif not args.quiet:
         width, height = result.image.size
-        print(f"wrote {out} ({width}x{height}) and {_metadata_path(out)}", file=sys.stderr)
+        print(f"wrote {out} ({width}x{height}) and {metadata_path(out)}", file=sys.stderr)
 
 
 class _StopFlag:
@@ -302,34 +317,38 @@ class _StopFlag:
         self.stopped = True
         print("\nstylequeue: stopping after this step (Ctrl-C again to abort)", file=sys.stderr)
 
-    def installed(self) -> "_SignalScope":
-        return _SignalScope(self._on_sigint)
+    def installed(self) -> "SignalScope":
+        return SignalScope(self._on_sigint)
 
 
-class _SignalScope:
-    def __init__(self, handler: Callable[[int, Any], None]) -> None:
+class SignalScope:
+    """``handler`` for ``signals`` inside the ``with``, the previous handlers after it."""
+
+    def __init__(self, handler: Callable[[int, Any], None], signals: tuple[int, ...] = (signal.SIGINT,)) -> None:
         self.handler = handler
-        self.previous: Any = None
+        self.signals = signals
+        self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> None:
         # Signal handlers can only be set from the main thread (main() may run elsewhere in tests).
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self.handler)
+            self.previous = {sig: signal.signal(sig, self.handler) for sig in self.signals}
 
     def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
 
 
-class _ProgressBar:
-    """tqdm fed by the engine's Progress: iteration, loss, it/s and ETA (engine never sees tqdm)."""
+class ProgressBar:
+    """tqdm fed by the engine's Progress (``run``) or a job's PROGRESS meta (``demo``): iteration,
+    loss, it/s and ETA. The engine never sees tqdm."""
 
-    def __init__(self, total: int, *, quiet: bool) -> None:
+    def __init__(self, total: int | None, *, quiet: bool = False, desc: str | None = None) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="it", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(total=total, unit="it", disable=quiet, file=sys.stderr, dynamic_ncols=True, desc=desc)
 
-    def __enter__(self) -> "_ProgressBar":
+    def __enter__(self) -> "ProgressBar":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -342,7 +361,12 @@ class _ProgressBar:
         if progress.tiles:
             postfix["tile"] = f"{progress.tile + 1}/{progress.tiles}"
         postfix["size"] = f"{progress.width}x{progress.height}"
-        if progress.total != self.bar.total:
-            self.bar.total = progress.total  # a tiled job counts every tile's iterations
+        self.show(progress.iteration, progress.total, postfix)
+
+    def show(self, iteration: int, total: int | None, postfix: dict[str, str], desc: str | None = None) -> None:
+        if desc is not None:
+            self.bar.set_description_str(desc, refresh=False)
+        if total != self.bar.total:
+            self.bar.total = total  # a tiled job counts every tile's iterations
         self.bar.set_postfix(postfix, refresh=False)
-        self.bar.update(progress.iteration - self.bar.n)  # tqdm derives it/s and ETA from these
+        self.bar.update(iteration - self.bar.n)  # tqdm derives it/s and ETA from these

@@ -13,10 +13,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stylequeue.cli import EXIT_JOB_FAILED, EXIT_TIMEOUT, emit, print_json, progress_line
 from stylequeue.exceptions import ConfigError, JobFailedError
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from stylequeue.scheduler import JobHandle
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,28 +71,36 @@ def input_uri(root: str, source: str) -> tuple[str, bytes | None]:
     return f"{root}/inputs/{hashlib.sha256(data).hexdigest()}{path.suffix.lower()}", data
 
 
-def submit_command(args: argparse.Namespace) -> int:
+def submit_files(app: "Celery", content: str, styles: list[str], fields: dict[str, Any]) -> "JobHandle":
+    """Submit a job whose inputs may be local files (uploaded first, see :func:`input_uri`);
+    ``fields`` are the spec's other fields. ``submit`` and ``demo`` both send jobs this way."""
     from stylequeue.scheduler import submit
     from stylequeue.scheduler.jobs import parse_spec
-    from stylequeue.settings import load_settings
     from stylequeue.storage import open_storage
-    from stylequeue.tasks.app import make_app
+    from stylequeue.tasks.app import settings_of
 
-    settings = load_settings()
-    inputs = [input_uri(settings.resolved_storage_root, s) for s in [args.content, *args.styles]]
-    spec: dict[str, Any] = {"content": inputs[0][0], "styles": [uri for uri, _ in inputs[1:]]}
-    for key, value in (("job_id", args.job_id), ("preset", args.preset), ("priority", args.priority)):
-        if value is not None:
-            spec[key] = value
-    params = parse_params(args.param)
-    if params:
-        spec["params"] = params
+    settings = settings_of(app)
+    inputs = [input_uri(settings.resolved_storage_root, s) for s in [content, *styles]]
+    spec: dict[str, Any] = {"content": inputs[0][0], "styles": [uri for uri, _ in inputs[1:]], **fields}
     parse_spec(spec, settings)  # a bad spec is refused before anything is uploaded or queued
     store = open_storage(settings)
     for uri, data in inputs:
         if data is not None and not store.exists(uri):
             store.put_bytes(uri, data)
-    job = submit(spec, app=make_app(settings))
+    return submit(spec, app=app)
+
+
+def submit_command(args: argparse.Namespace) -> int:
+    from stylequeue.tasks.app import make_app
+
+    fields: dict[str, Any] = {}
+    for key, value in (("job_id", args.job_id), ("preset", args.preset), ("priority", args.priority)):
+        if value is not None:
+            fields[key] = value
+    params = parse_params(args.param)
+    if params:
+        fields["params"] = params
+    job = submit_files(make_app(), args.content, args.styles, fields)
     if not args.wait:
         info = {"job_id": job.job_id, "status": job.status().value, "result_uri": job.result_uri}
         emit(args, info, job.job_id)

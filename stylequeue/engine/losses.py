@@ -15,17 +15,30 @@ import torch
 from torch import nn
 
 
-def gram_matrix(features: torch.Tensor, norm: str = "chw") -> torch.Tensor:
+def gram_matrix(features: torch.Tensor, norm: str = "chw", weight: torch.Tensor | None = None) -> torch.Tensor:
     """Gram matrix of (B, C, H, W) features -> (B, C, C), in float32.
 
     ``norm="chw"`` divides by C*H*W so that layers and image sizes are comparable (the paper's
     1/(4 N^2 M^2) differs by a per-layer constant). ``"sqrt_chw"`` reproduces the seed's scale.
+    ``weight`` (1 or B, 1, H, W) weighs each position, the positions' count becoming the weights'
+    sum ("chw" only): a tile's share of a picture's Gram matrix (engine/tiled.py).
     """
     b, c, h, w = features.shape
     flat = features.float().reshape(b, c, h * w)  # (B, C, HW)
+    if weight is not None:
+        if norm != "chw":
+            raise ValueError("weighted Gram matrices are normalised per position: use gram_norm 'chw'")
+        weights = weight.float().reshape(weight.shape[0], 1, h * w)  # (1 or B, 1, HW)
+        return (flat * weights) @ flat.transpose(1, 2) / (c * weights.sum(2, keepdim=True).clamp_min(1e-12))
     gram = flat @ flat.transpose(1, 2)  # (B, C, C)
     denominator = c * h * w if norm == "chw" else math.sqrt(c * h * w)
     return gram / denominator
+
+
+def pool_weight(weight: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """A (1, 1, H, W) per-pixel weight map as (1, 1, h, w) weights of ``features``' positions: each
+    position gets the mean weight of the pixels it covers (VGG's pooling floors odd sizes)."""
+    return torch.nn.functional.interpolate(weight.float(), size=tuple(features.shape[-2:]), mode="area")
 
 
 Box = tuple[int, int, int, int]
@@ -45,6 +58,15 @@ def crop_to_box(features: torch.Tensor, box: Box, image_hw: Sequence[int]) -> to
 def _per_item_mse(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error over every dim but the batch -> (B,)."""
     return (x - target).pow(2).flatten(1).mean(1)
+
+
+def _weighted_mse(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """(B, C, H, W) feature MSE -> (B,), each position weighted by ``weight`` (1 or B, 1, H, W)."""
+    if weight is None:
+        return _per_item_mse(x, target)
+    weight = weight.float()
+    squared = (x - target).pow(2) * weight
+    return squared.flatten(1).sum(1) / (x.shape[1] * weight.flatten(1).sum(1)).clamp_min(1e-12)
 
 
 def _relative_scale(target: torch.Tensor, relative: bool) -> torch.Tensor | None:
@@ -77,15 +99,23 @@ class _FixedTargetLoss(nn.Module):
 
 
 class ContentLoss(_FixedTargetLoss):
-    """Feature MSE against a fixed target (1 or B, C, H, W)."""
+    """Feature MSE against a fixed target (1 or B, C, H, W).
 
-    def __init__(self, target: torch.Tensor, *, relative: bool = False) -> None:
+    Relative to ``mean_square`` when given instead of the target's own: a tile's content term is
+    relative to its whole picture's, so that a dark tile does not weigh its content more than the
+    same region of an untiled run would (engine/tiled.py).
+    """
+
+    def __init__(self, target: torch.Tensor, *, relative: bool = False, mean_square: float | None = None) -> None:
         super().__init__()
         self.register_buffer("target", target.detach())
-        self.register_buffer("scale", _relative_scale(target.detach(), relative))
+        scale = _relative_scale(target.detach(), relative)
+        if scale is not None and mean_square is not None:
+            scale = torch.full_like(scale, 1.0 / max(mean_square, 1e-12))
+        self.register_buffer("scale", scale)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self._normalised(_per_item_mse(features.float(), self.target.float()))
+    def forward(self, features: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return self._normalised(_weighted_mse(features.float(), self.target.float(), weight))
 
 
 class StyleLoss(_FixedTargetLoss):
@@ -111,18 +141,23 @@ class StyleLoss(_FixedTargetLoss):
             loss.scale = _relative_scale(target.detach(), relative)
         return loss
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self._normalised(_per_item_mse(gram_matrix(features, self.norm), self.target))
+    def forward(self, features: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return self._normalised(_per_item_mse(gram_matrix(features, self.norm, weight), self.target))
 
 
-def moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (B, C) and second raw moment (B, C, C) of (B, C, H, W) features, in float32.
+def moments(features: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (B, C) and second raw moment (B, C, C) of (B, C, H, W) features, in float32, each
+    position weighted by ``weight`` (1 or B, 1, H, W) if given.
 
     Unlike covariances these mix linearly, so several styles blend by blending their moments.
     """
     b, c, h, w = features.shape
     flat = features.float().reshape(b, c, h * w)  # (B, C, HW)
-    return flat.mean(2), flat @ flat.transpose(1, 2) / (h * w)
+    if weight is None:
+        return flat.mean(2), flat @ flat.transpose(1, 2) / (h * w)
+    weights = weight.float().reshape(weight.shape[0], 1, h * w)
+    total = weights.sum(2).clamp_min(1e-12)  # (1 or B, 1)
+    return (flat * weights).sum(2) / total, (flat * weights) @ flat.transpose(1, 2) / total.unsqueeze(2)
 
 
 def _covariance(mean: torch.Tensor, srm: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -174,8 +209,8 @@ class WassersteinStyleLoss(_FixedTargetLoss):
         srm = sum(w * r for w, (_, r) in zip(blend, targets))
         return cls(torch.as_tensor(mean), torch.as_tensor(srm), relative=relative)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        mean, srm = moments(features)
+    def forward(self, features: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        mean, srm = moments(features, weight)
         cov = _covariance(mean, srm, self.eps)
         mean_term = (mean - self.mean).pow(2).mean(1)
         # tr (S_s^1/2 S S_s^1/2)^1/2 is the sum of the square roots of that matrix's eigenvalues.
@@ -228,9 +263,13 @@ class StyleTransferLoss(nn.Module):
         style_weight: float,
         tv_weight: float,
         box: Box | None = None,
+        weight: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.box = box  # the losses read only this part of the image (a tile inside its context)
+        # (1, 1, H, W) over the whole image: how much each pixel's features count (a tile's blend
+        # window, 0 outside its box: engine/tiled.py); pooled to each layer's positions.
+        self.register_buffer("weight", None if weight is None else weight.detach().float())
         self.content_losses = nn.ModuleDict({k: m for k, (m, _) in content.items()})
         self.style_losses = nn.ModuleDict({k: m for k, (m, _) in style.items()})
         self.content_layer_weights = {k: w for k, (_, w) in content.items()}
@@ -246,14 +285,20 @@ class StyleTransferLoss(nn.Module):
         return list(dict.fromkeys([*self.content_losses, *self.style_losses]))
 
     def forward(self, features: Mapping[str, torch.Tensor], image: torch.Tensor) -> LossTerms:
+        size = image.shape[-2:]
+        weights: dict[str, torch.Tensor | None] = {k: None for k in features}
+        if self.weight is not None:
+            if tuple(self.weight.shape[-2:]) != tuple(size):
+                raise ValueError(f"the loss weight is {tuple(self.weight.shape[-2:])}, the image {tuple(size)}")
+            weights = {k: pool_weight(self.weight, v) for k, v in features.items()}
         if self.box is not None:
-            size = image.shape[-2:]
             features = {k: crop_to_box(v, self.box, size) for k, v in features.items()}
+            weights = {k: None if v is None else crop_to_box(v, self.box, size) for k, v in weights.items()}
             image = image[..., self.box[1]:self.box[3], self.box[0]:self.box[2]]
         content = sum(
-            w * self.content_losses[k](features[k]) for k, w in self.content_layer_weights.items()
+            w * self.content_losses[k](features[k], weights[k]) for k, w in self.content_layer_weights.items()
         )
-        style = sum(w * self.style_losses[k](features[k]) for k, w in self.style_layer_weights.items())
+        style = sum(w * self.style_losses[k](features[k], weights[k]) for k, w in self.style_layer_weights.items())
         content = self.content_weight * torch.as_tensor(content)
         style = self.style_weight * torch.as_tensor(style)
         tv = self.tv_weight * self.tv(image.float()) if self.tv_weight else torch.zeros_like(content)

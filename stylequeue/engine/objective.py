@@ -37,6 +37,24 @@ from stylequeue.exceptions import ConfigError
 MEAN_SUFFIX = ".mean"
 
 
+@dataclass(frozen=True)
+class TileShare:
+    """A tile's share of one picture's objective (engine/tiled.py).
+
+    ``weight`` (1, 1, H, W) over the tile's run (the tile and its context) is the tile's blend
+    window inside its loss box and 0 outside: every position's content and style terms count as
+    much as the blend will count its pixels, so the tiles' weighted Gram matrices add up to the
+    blended picture's. ``style_shift`` (per style layer) moves the tile's Gram targets by how its
+    share of the starting picture differs from the whole (``tile_style`` "regional"); None: none.
+    ``content_mean_square`` (per content layer) is the whole picture's content features' mean
+    square, what a relative content term divides by (None: the tile's own).
+    """
+
+    weight: torch.Tensor
+    style_shift: Mapping[str, torch.Tensor] | None = None
+    content_mean_square: Mapping[str, float] | None = None
+
+
 @dataclass
 class Problem:
     """Everything fixed for the whole job: settings, model, how it runs, and the input images."""
@@ -52,8 +70,8 @@ class Problem:
     started: float = field(default_factory=time.perf_counter)
     target_cache: TargetCache | None = None
     style_digests: list[str] | None = None  # image_digest of each style, when caching
-    # Added to the Gram targets of every scale, per style layer (a tile's regional shift: tiled.py).
-    style_shift: Mapping[str, torch.Tensor] | None = None
+    # A tile's weights and regional shift of its Gram targets (tiled.py); None: a whole picture.
+    share: TileShare | None = None
 
 
 @dataclass
@@ -73,7 +91,7 @@ def set_up(
     model: VGGFeatures,
     init_image: Image.Image | None,
     target_cache: TargetCache | None = None,
-    style_shift: Mapping[str, torch.Tensor] | None = None,
+    share: TileShare | None = None,
 ) -> Problem:
     """Check that the inputs fit the settings and the model, and place the model on its device."""
     config.validate()
@@ -86,7 +104,8 @@ def set_up(
         )
     if config.init == "image" and init_image is None:
         raise ConfigError("init is 'image' but no initial image was given; pass one or choose init 'content'")
-    if style_shift is not None and (config.style_loss != "gram" or set(style_shift) != set(config.style_layers)):
+    shift = share.style_shift if share is not None else None
+    if shift is not None and (config.style_loss != "gram" or set(shift) != set(config.style_layers)):
         raise ConfigError("a style shift is one Gram matrix per style layer, for the Gram style loss")
     if config.init != "image" and init_image is not None:
         raise ConfigError(f"an initial image was given but init is {config.init!r}; set init to 'image'")
@@ -118,7 +137,7 @@ def set_up(
         sizes=config.scale_sizes,
         target_cache=target_cache,
         style_digests=[image_digest(s) for s in styles] if target_cache is not None else None,
-        style_shift=style_shift,
+        share=share,
     )
 
 
@@ -133,7 +152,10 @@ def prepare_scale(problem: Problem, index: int) -> Scale:
         content = color.as_gray_rgb(content_luma)
     with torch.no_grad(), autocast(plan):
         content_feats = model(memory_format(content, plan), cfg.content_layers)
-    box = cfg.loss_box
+    box, share = cfg.loss_box, problem.share
+    if share is not None and tuple(share.weight.shape[-2:]) != tuple(content.shape[-2:]):
+        raise ConfigError(f"a tile's weights are {tuple(share.weight.shape[-2:])} px, its run "
+                          f"{tuple(content.shape[-2:])}: make them for this tile's region")
     if box is not None:
         height, width = content.shape[-2:]
         if box[2] > width or box[3] > height:
@@ -141,12 +163,13 @@ def prepare_scale(problem: Problem, index: int) -> Scale:
         content_feats = {k: crop_to_box(v, box, (height, width)) for k, v in content_feats.items()}
     grams = [_style_targets(problem, i, problem.sizes[index], content_luma) for i in range(len(problem.styles))]
     relative = cfg.loss_norm == "relative"
+    picture_ms = share.content_mean_square if share is not None and share.content_mean_square else {}
     content_terms = {
-        name: (ContentLoss(content_feats[name].float(), relative=relative), w)
+        name: (ContentLoss(content_feats[name].float(), relative=relative, mean_square=picture_ms.get(name)), w)
         for name, w in layer_weights(cfg.content_layers, cfg.content_layer_weights).items()
     }
     style_terms = {
-        name: (_style_loss(cfg, grams, name, problem.blend, problem.style_shift), w)
+        name: (_style_loss(cfg, grams, name, problem.blend, share.style_shift if share else None), w)
         for name, w in layer_weights(cfg.style_layers, cfg.style_layer_weights).items()
     }
     objective = StyleTransferLoss(
@@ -156,6 +179,7 @@ def prepare_scale(problem: Problem, index: int) -> Scale:
         style_weight=cfg.style_weight,
         tv_weight=cfg.tv_weight,
         box=box,
+        weight=None if share is None else share.weight.to(plan.device),
     )
     return Scale(index=index, objective=objective, content=content, content_color=content_color)
 
@@ -211,6 +235,8 @@ def stack_objectives(objectives: Sequence[StyleTransferLoss]) -> StyleTransferLo
     Weights and layers come from the first objective; the items of a batch share them.
     """
     first = objectives[0]
+    if any(o.weight is not None for o in objectives):
+        raise ConfigError("a tile's run is not batched with others: run each tile alone")
     content = {
         name: (ContentLoss.stacked([o.content_losses[name] for o in objectives]), w)
         for name, w in first.content_layer_weights.items()

@@ -6,52 +6,57 @@ scales as usual (``stylize(..., last_scale=scales - 2)``) and the final scale as
 picture around it, with the losses read on the tile alone and only the tile's pixels optimised
 (``loss_box``): VGG's deep layers see a hundred pixels and more around each position, and without
 that context a tile's border features see zero padding where the picture goes on. The context is
-the starting picture, held still: the neighbours' tiles change it meanwhile, so the closer a
-position is to a tile's edge (relative to the receptive field of the layer) the less its features
-in the blend are those its tile optimised. Tiles far larger than VGG's receptive fields (print
-sizes: 2048 px tiles against relu5_1's 156 px) match an untiled run closely; tiles about as small
-as the receptive field do not (docs/tiles.md has the measurements). The run starts from:
+the starting picture, held still. Each tile runs from:
 
 * the region's crop of the content at the final size (the content target: the picture's detail);
 * the same crop of the coarse result scaled up, as its starting image, so that every tile starts
   from one picture's layout and colours (Gatys et al. 2017 use a coarse result the same way);
+  both are resampled from their sources' share of the region only (``region_inputs``);
 * the style targets of the WHOLE style image at the WHOLE picture's scale (``style_size``), not at
-  the tile's: every tile matches the same Gram matrices, so tiles do not drift apart in colour or
-  texture, and brush strokes keep the size they have in an untiled picture. They are computed once
-  and shared through the target cache (a job's tiles hit it).
-* with ``tile_style="regional"`` (the default), each tile's Gram targets shifted by how its own
-  region differs from the whole picture in the starting image: G_tile(start) - mean over tiles of
-  G_tile(start), per style layer (:func:`style_shift`). An untiled run matches the style's Gram
-  matrices over the whole picture, where a dark region and a bright sky share out the painting's
-  palette; a tile asked to match them alone ("global") must hold the whole palette in its dark
-  corner, and gives up its content for it: on a picture whose colours change across it, 12
-  global tiles doubled the content distance of an untiled run, regional ones matched it
-  (docs/tiles.md). The shifts average to zero over the tiles, so the tiles still match the style
-  together.
+  the tile's, so brush strokes keep the size they have in an untiled picture; computed once and
+  shared through the target cache.
 
-Tiles blend with smooth windows; with ``tile_passes`` 2, a second pass over a grid shifted by half
-a tile starts from the blend, which puts the remaining seams where the first pass had tile centres.
-:func:`stylize_tiled` does all of it in one process (``stylequeue run``, tests); the service runs
-each tile as its own GPU task (tasks/tiles.py) and the blend in another.
+And the tiles share ONE objective, the untiled picture's, as far as independent runs can
+(objective.TileShare, docs/tiles.md has each part measured):
+
+* each tile weighs its positions by its blend window (``region_weight``): its content and style
+  terms count a position as much as the blend will count its pixel, so the tiles' weighted Gram
+  matrices add up to the blended picture's. Weighed alike, the overlaps would count twice;
+* with ``tile_style="regional"`` (the default), each tile's Gram targets are shifted by its own
+  share of the starting picture's Gram matrices less the picture's (:func:`tile_share`). An
+  untiled run matches the style's Gram matrices over the whole picture, where a dark region and a
+  bright sky share out the painting's palette; a tile asked to match them alone ("global") must
+  hold the whole palette in its dark corner, and gives up its content for it. The shifts, weighted
+  as the blend weighs the tiles, add up to zero, so the tiles still match the style together;
+* a relative content term divides by the whole picture's mean square, not the tile's.
+
+What the tiles need of the whole picture (:class:`PictureStats`) is summed from every tile's
+weighted share, one no-grad forward of each tile's region: never a forward of the whole.
+
+Tiles blend with the same windows; with ``tile_passes`` 2, a second pass over a grid shifted by
+half a tile starts from the blend, which puts the remaining seams where the first pass had tile
+centres. :func:`stylize_tiled` does all of it in one process (``stylequeue run``, tests); the
+service runs each tile as its own GPU task (tasks/tiles.py) and the blend in another.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
 
 from stylequeue.engine.config import MIN_TILE, StyleConfig, style_side
 from stylequeue.engine.images import fit_longest
+from stylequeue.engine.losses import gram_matrix, pool_weight
+from stylequeue.engine.objective import TileShare
 from stylequeue.engine.result import Progress, StyleResult
 from stylequeue.engine.targets import TargetCache
 from stylequeue.engine.tensors import to_pil, to_tensor
-from stylequeue.engine.losses import crop_to_box, gram_matrix
-from stylequeue.engine.tiles import Tile, TilePlan, blend, crop_pil, plan_tiles, shifted
+from stylequeue.engine.tiles import Tile, TilePlan, blend, crop_pil, plan_tiles, shifted, window
 from stylequeue.engine.transfer import stylize
 from stylequeue.engine.vgg import VGGFeatures
 from stylequeue.exceptions import ConfigError
@@ -89,30 +94,99 @@ def tile_config(config: StyleConfig, plan: TilePlan, tile: Tile) -> StyleConfig:
                           loss_box=None if region == tile else inner.box)
 
 
-def box_grams(image: Image.Image, plan: TilePlan, tile: Tile, config: StyleConfig,
-              model: VGGFeatures) -> dict[str, torch.Tensor]:
-    """Per style layer, the Gram matrix of ``tile``'s part of the final-size picture ``image``,
-    seen as its tile run sees it (inside its context, cut to the tile)."""
-    region, inner = _region_and_box(plan, tile, config.tile_context)
-    pixels = to_tensor(crop_pil(image, region), next(model.parameters()).device)
+def region_inputs(content: Image.Image, start: Image.Image, config: StyleConfig, plan: TilePlan,
+                  tile: Tile) -> tuple[Image.Image, torch.Tensor]:
+    """(content, starting pixels (1, 3, h, w)) of ``tile``'s region at the final size, each resampled
+    from its source's share only: a print-size picture is never resized whole. ``start`` is the
+    coarse result or the previous pass's blend, at any size."""
+    full, region = (plan.height, plan.width), tile_region(plan, tile, config.tile_context)
+    crop = _resize_region(content, full, region, Image.Resampling.LANCZOS)
+    return crop, to_tensor(_resize_region(start, full, region, Image.Resampling.BICUBIC), torch.device("cpu"))
+
+
+def _resize_region(image: Image.Image, size: tuple[int, int], region: Tile,
+                   resample: Image.Resampling) -> Image.Image:
+    """``image.resize`` to an (H, W) ``size``, cut to ``region`` (PIL's ``box`` maps the same pixels)."""
+    height, width = size
+    if image.size == (width, height):
+        return crop_pil(image.convert("RGB"), region)
+    sx, sy = image.width / width, image.height / height
+    box = (region.x0 * sx, region.y0 * sy, region.x1 * sx, region.y1 * sy)
+    return image.convert("RGB").resize((region.width, region.height), resample, box=box)
+
+
+def region_weight(plan: TilePlan, tile: Tile, context: int, window_in_box: torch.Tensor | None = None) -> torch.Tensor:
+    """(1, 1, h, w) over ``tile``'s region: its blend window inside the tile, 0 in the context; the
+    weight of every position of its run (objective.TileShare). ``window_in_box`` replaces the
+    plan's window (a piece of a tile that ran out of memory)."""
+    region, inner = _region_and_box(plan, tile, context)
+    weight = torch.zeros(1, 1, region.height, region.width)
+    weight[..., inner.y0:inner.y1, inner.x0:inner.x1] = window(tile, plan) if window_in_box is None else window_in_box
+    return weight
+
+
+@dataclass(frozen=True)
+class PictureStats:
+    """What the tiles of one picture measure together and each needs: the starting picture's Gram
+    matrices per style layer (regional style only) and the content's features' mean square per
+    content layer (relative losses only), each the sum of the tiles' weighted shares."""
+
+    grams: dict[str, torch.Tensor] | None = None
+    content_mean_square: dict[str, float] | None = None
+
+
+def style_share(pixels: torch.Tensor, weight: torch.Tensor, config: StyleConfig,
+                model: VGGFeatures) -> dict[str, tuple[torch.Tensor, float]]:
+    """Per style layer, the weighted Gram matrix (1, C, C) of a tile's starting ``pixels`` (1, 3,
+    h, w) over its region, weighted as its run weighs it, and its weights' sum."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        features = model(pixels, config.style_layers)
-    return {name: gram_matrix(crop_to_box(features[name], inner.box, pixels.shape[-2:]), config.gram_norm)
-            for name in config.style_layers}
+        features = model(pixels.to(device), config.style_layers)
+    out = {}
+    for name in config.style_layers:
+        pooled = pool_weight(weight.to(device), features[name])
+        out[name] = (gram_matrix(features[name], config.gram_norm, pooled), float(pooled.sum()))
+    return out
 
 
-def picture_grams(start: Image.Image, plan: TilePlan, config: StyleConfig,
-                  model: VGGFeatures) -> dict[str, torch.Tensor] | None:
-    """The starting picture's Gram matrices as its tiles see it: the mean of every tile's
-    :func:`box_grams`, weighted by area. None where the style is not regional (nothing to shift)."""
-    if not regional(config):
-        return None
-    total: dict[str, torch.Tensor] = {}
+def content_share(content: torch.Tensor, weight: torch.Tensor, config: StyleConfig,
+                  model: VGGFeatures) -> dict[str, tuple[float, float]]:
+    """Per content layer, the weighted mean square of a tile's content features over its region
+    (``content`` (1, 3, h, w)), and its weights' sum."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        features = model(content.to(device), config.content_layers)
+    out = {}
+    for name in config.content_layers:
+        pooled = pool_weight(weight.to(device), features[name])
+        mass = float(pooled.sum())
+        out[name] = (float((features[name].float().pow(2) * pooled).sum()) / (features[name].shape[1] * mass), mass)
+    return out
+
+
+def picture_stats(content: Image.Image, start: Image.Image, plan: TilePlan, config: StyleConfig,
+                  model: VGGFeatures) -> PictureStats:
+    """The whole picture's :class:`PictureStats`, from every tile's weighted shares weighted by
+    their weights' sums (which add up to the picture's positions): no forward of the whole."""
+    if not regional(config) and config.loss_norm != "relative":
+        return PictureStats()
+    grams: dict[str, torch.Tensor] = {}
+    squares: dict[str, float] = {}
+    masses: dict[tuple[str, str], float] = {}
     for tile in plan.tiles:
-        for name, gram in box_grams(start, plan, tile, config, model).items():
-            total[name] = total.get(name, 0) + tile.width * tile.height * gram
-    area = sum(t.width * t.height for t in plan.tiles)
-    return {name: gram / area for name, gram in total.items()}
+        crop, pixels = region_inputs(content, start, config, plan, tile)
+        weight = region_weight(plan, tile, config.tile_context)
+        own_grams = style_share(pixels, weight, config, model) if regional(config) else {}
+        own_squares = (content_share(to_tensor(crop, torch.device("cpu")), weight, config, model)
+                       if config.loss_norm == "relative" else {})
+        for name, (gram, mass) in own_grams.items():
+            grams[name] = grams.get(name, 0) + mass * gram
+            masses["style", name] = masses.get(("style", name), 0.0) + mass
+        for name, (square, mass) in own_squares.items():
+            squares[name] = squares.get(name, 0.0) + mass * square
+            masses["content", name] = masses.get(("content", name), 0.0) + mass
+    return PictureStats({n: g / masses["style", n] for n, g in grams.items()} if grams else None,
+                        {n: v / masses["content", n] for n, v in squares.items()} if squares else None)
 
 
 def regional(config: StyleConfig) -> bool:
@@ -122,24 +196,16 @@ def regional(config: StyleConfig) -> bool:
     return config.tile_style == "regional" and config.style_loss == "gram" and not config.original_colors
 
 
-def style_shift(start: Image.Image, plan: TilePlan, tile: Tile, config: StyleConfig, model: VGGFeatures,
-                picture: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-    """``tile``'s regional shift of its Gram targets: its own start Grams less the picture's."""
-    if picture is None:
-        return None
-    own = box_grams(start, plan, tile, config, model)
-    return {name: own[name] - picture[name].to(own[name]) for name in own}
-
-
-def full_size_inputs(content: Image.Image, start: Image.Image, plan: TilePlan) -> tuple[Image.Image, Image.Image]:
-    """(content, starting picture) at the final size, from which every tile is cut.
-
-    ``start`` is the coarse result (first pass) or the previous pass's blend, at any size.
-    """
-    full = (plan.width, plan.height)
-    content_full = content.convert("RGB").resize(full, Image.Resampling.LANCZOS) if content.size != full else content
-    start_full = start.convert("RGB").resize(full, Image.Resampling.BICUBIC) if start.size != full else start
-    return content_full, start_full
+def tile_share(pixels: torch.Tensor, weight: torch.Tensor, config: StyleConfig, model: VGGFeatures,
+               picture: PictureStats) -> TileShare:
+    """A tile's weights, the picture's content mean squares and, with regional style, its shift:
+    its own share's start Grams less the picture's, so that the tiles' targets, weighted as the
+    blend weighs them, add up to the style's."""
+    shift = None
+    if picture.grams is not None:
+        own = style_share(pixels, weight, config, model)
+        shift = {name: own[name][0] - picture.grams[name].to(own[name][0]) for name in own}
+    return TileShare(weight, shift, picture.content_mean_square)
 
 
 def run_tile(
@@ -152,33 +218,33 @@ def run_tile(
     *,
     model: VGGFeatures,
     target_cache: TargetCache | None = None,
-    picture: Mapping[str, torch.Tensor] | None = None,
+    picture: PictureStats | None = None,
     **stylize_options: Any,
 ) -> StyleResult:
     """One tile of the final scale (see the module docstring); what a service tile task runs.
     Its image is the tile's pixels only (the context is cut off). ``picture`` is
-    :func:`picture_grams` of the full-size start, computed here when not given (a tile task
-    computes it on its own: one no-grad forward per tile of the plan, a few per cent of its steps).
+    :func:`picture_stats`, computed here when not given (a tile task computes it on its own: one
+    no-grad forward per tile of the plan, a few per cent of its steps).
 
     A tile that runs out of device memory (the memory model is an estimate; another process may
     hold memory) is cut into smaller tiles and run again, rather than failing the job.
     """
-    content_full, start_full = full_size_inputs(content, start, plan)
     if picture is None:
-        picture = picture_grams(start_full, plan, config, model)
-    return _run_box(content_full, start_full, styles, config, plan, tile, model=model, target_cache=target_cache,
+        picture = picture_stats(content, start, plan, config, model)
+    return _run_box(content, start, styles, config, plan, tile, None, model=model, target_cache=target_cache,
                     picture=picture, **stylize_options)
 
 
-
 def _run_box(content: Image.Image, start: Image.Image, styles: Sequence[Image.Image], config: StyleConfig,
-             plan: TilePlan, tile: Tile, *, model: VGGFeatures, target_cache: TargetCache | None,
-             picture: Mapping[str, torch.Tensor] | None, **stylize_options: Any) -> StyleResult:
+             plan: TilePlan, tile: Tile, window_in_box: torch.Tensor | None, *, model: VGGFeatures,
+             target_cache: TargetCache | None, picture: PictureStats, **stylize_options: Any) -> StyleResult:
     region, inner = _region_and_box(plan, tile, config.tile_context)
+    crop, pixels = region_inputs(content, start, config, plan, tile)
+    weight = region_weight(plan, tile, config.tile_context, window_in_box)
     try:
-        result = stylize(crop_pil(content, region), styles, tile_config(config, plan, tile), model=model,
-                         init_image=crop_pil(start, region), target_cache=target_cache,
-                         style_shift=style_shift(start, plan, tile, config, model, picture), **stylize_options)
+        result = stylize(crop, styles, tile_config(config, plan, tile), model=model, init_image=to_pil(pixels),
+                         target_cache=target_cache,
+                         share=tile_share(pixels, weight, config, model, picture), **stylize_options)
         return replace(result, image=crop_pil(result.image, inner))
     except torch.OutOfMemoryError:
         side = max(tile.width, tile.height)
@@ -191,13 +257,15 @@ def _run_box(content: Image.Image, start: Image.Image, styles: Sequence[Image.Im
         log.warning("a %dx%d tile ran out of device memory; running it as %d smaller tiles", tile.width,
                     tile.height, len(smaller.tiles))
         # The pieces start afresh: a checkpoint of the whole tile does not fit them.
-        options = {k: v for k, v in stylize_options.items() if k not in ("resume", "on_checkpoint")}
+        rest = {k: v for k, v in stylize_options.items() if k not in ("resume", "on_checkpoint")}
+        whole = weight[..., inner.y0:inner.y1, inner.x0:inner.x1]  # the tile's window
         pieces = [_run_box(content, start, styles, config, plan,
                            Tile(p.index, tile.x0 + p.x0, tile.y0 + p.y0, tile.x0 + p.x1, tile.y0 + p.y1),
-                           model=model, target_cache=target_cache, picture=picture, **options)
+                           whole[..., p.y0:p.y1, p.x0:p.x1] * window(p, smaller),
+                           model=model, target_cache=target_cache, picture=picture, **rest)
                   for p in smaller.tiles]
-        whole = blend_tiles(smaller, [p.image for p in pieces])
-        return replace(pieces[-1], image=whole, state=None, stopped=any(p.stopped for p in pieces))
+        image = blend_tiles(smaller, [p.image for p in pieces])
+        return replace(pieces[-1], image=image, state=None, stopped=any(p.stopped for p in pieces))
 
 
 def blend_tiles(plan: TilePlan, images: Sequence[Image.Image]) -> Image.Image:
@@ -243,7 +311,7 @@ def stylize_tiled(
         return _result(coarse.image, config, history, started, coarse, stopped=True)
     for tile_pass in range(config.tile_passes):
         plan = final_plan(config, content.size, tile_pass)
-        grams = picture_grams(full_size_inputs(content, start, plan)[1], plan, config, model)  # once per pass
+        grams = picture_stats(content, start, plan, config, model)  # once per pass
         pictures = []
         for tile in plan.tiles:
             result = run_tile(content, styles, config, plan, tile, start, model=model, target_cache=cache, picture=grams,

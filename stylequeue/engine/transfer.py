@@ -17,7 +17,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -28,7 +28,7 @@ from stylequeue.engine.device import autocast, forward_of
 from stylequeue.engine.losses import LossTerms, StyleTransferLoss
 from stylequeue.engine.memory import activation_bytes
 from stylequeue.engine.memory import max_batch as fit_batch
-from stylequeue.engine.objective import Problem, Scale, prepare_scale, set_up, stack_objectives
+from stylequeue.engine.objective import Problem, Scale, TileShare, prepare_scale, set_up, stack_objectives
 from stylequeue.engine.optim import carry_up, make_optimizer, to_cpu
 from stylequeue.engine.result import Progress, StyleResult
 from stylequeue.engine.state import OptimState
@@ -50,7 +50,7 @@ class BatchItem:
     should_stop: Callable[[], bool] | None = None
     resume: OptimState | None = None
     on_checkpoint: Callable[[OptimState], None] | None = None
-    style_shift: Mapping[str, torch.Tensor] | None = None  # added to its Gram targets (a tile: tiled.py)
+    share: TileShare | None = None  # a tile's weights and Gram shift (tiled.py)
 
 
 @dataclass
@@ -90,7 +90,7 @@ def stylize(
     on_checkpoint: Callable[[OptimState], None] | None = None,
     target_cache: TargetCache | None = None,
     last_scale: int | None = None,
-    style_shift: Mapping[str, torch.Tensor] | None = None,
+    share: TileShare | None = None,
 ) -> StyleResult:
     """Stylise ``content`` with ``styles`` (PIL RGB images) under ``config``; see docs/architecture.md.
 
@@ -98,7 +98,7 @@ def stylize(
     carried up to the next. ``last_scale`` stops after that scale (the service runs one scale per
     task). ``target_cache`` keeps style targets for later jobs; the result is the same without it.
     """
-    item = BatchItem(content, styles, init_image, None, callback, should_stop, resume, on_checkpoint, style_shift)
+    item = BatchItem(content, styles, init_image, None, callback, should_stop, resume, on_checkpoint, share)
     return stylize_batch([item], config, model=model, target_cache=target_cache, last_scale=last_scale)[0]
 
 
@@ -124,7 +124,7 @@ def stylize_batch(
             "couples every pixel of the batch: run L-BFGS jobs one at a time (batch size 1)"
         )
     members = [_Member(item, set_up(item.content, item.styles, cfg, model, item.init_image, target_cache,
-                                          item.style_shift))
+                                          item.share))
                for item, cfg in zip(items, configs)]
     last = len(config.scale_sizes) - 1 if last_scale is None else last_scale
     first = _first_scale(items, config, last)

@@ -11,6 +11,8 @@ Every tile starts from the latest whole picture (``work/final.png``: the coarse 
 previous pass's blend), holds its own lease, checkpoints to its own ``checkpoint.pt`` (a tile
 redelivered after a crash resumes it), honours cancellation, and writes its picture and record
 under ``work/tiles/``; a tile whose picture exists is done. The blend writes ``work/final.png``.
+What the tiles of a pass share (that picture, and the statistics of the whole that each tile's
+objective needs: engine/tiled.py ``picture_stats``) a worker makes once per pass, not per tile.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ import time
 from typing import Any
 
 from celery import chord
+from PIL import Image
 
 from stylequeue.engine.images import encode_image
-from stylequeue.engine.tiled import blend_tiles, final_plan, run_tile, tile_config
+from stylequeue.engine.tiled import PictureStats, blend_tiles, final_plan, picture_stats, run_tile, tile_config
 from stylequeue.engine.tiles import TilePlan
 from stylequeue.tasks import objects
 from stylequeue.tasks.app import TASK_BLEND, TASK_TILE, TASK_TILES, app
 from stylequeue.tasks.base import JobTask, finished_record, load_job, resources, settings
 from stylequeue.tasks.control import JobControl
-from stylequeue.tasks.gpu import gpu_run
+from stylequeue.tasks.gpu import GpuRun, gpu_run
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ def tile(self: JobTask, message: dict[str, Any], tile_pass: int, index: int, pla
     box = grid.tiles[index]
     with gpu_run(self, spec, paths, store, resources) as run:
         started = time.time()
-        start = objects.decode_own_image(store.get_bytes(paths.work_image)) if spec.stages()[0] else run.content
+        start, picture = resources.tile_pass((run.owner, tile_pass, grid), lambda: _pass_inputs(run, tile_pass, grid))
         config = tile_config(run.config, grid, box)
         checkpoint = paths.tile_checkpoint(tile_pass, index)
         saved = objects.read_state(store, checkpoint)
@@ -83,8 +86,8 @@ def tile(self: JobTask, message: dict[str, Any], tile_pass: int, index: int, pla
         poller = run.poller(reporter, config.iterations)
         save = lambda state: run.save_state(checkpoint, state)  # noqa: E731
         result = run_tile(run.content, run.styles, run.config, grid, box, start, model=run.model,
-                          target_cache=resources.target_cache(), callback=reporter, should_stop=poller,
-                          resume=resume, on_checkpoint=save)
+                          target_cache=resources.target_cache(), picture=picture, callback=reporter,
+                          should_stop=poller, resume=resume, on_checkpoint=save)
         if result.stopped:
             run.stopped(poller.reason, lambda: result.state is not None and save(result.state))
         record = {"pass": tile_pass, "tile": index, "box": list(box.box), "worker": self.request.hostname,
@@ -98,6 +101,13 @@ def tile(self: JobTask, message: dict[str, Any], tile_pass: int, index: int, pla
         run.write(paths.tile_metadata(tile_pass, index), objects.to_json(record), "application/json")
         run.save_image(paths.tile_image(tile_pass, index), result.image)  # last: its presence means done
         return {"job_id": spec.job_id, "tile": index, "pass": tile_pass}
+
+
+def _pass_inputs(run: GpuRun, tile_pass: int, grid: TilePlan) -> tuple[Image.Image, PictureStats]:
+    """The pass's starting picture (the coarse result or the last blend) and the whole picture's
+    statistics from it, which every tile of the pass needs alike."""
+    start = objects.decode_own_image(run.store.get_bytes(run.paths.work_image)) if run.spec.stages()[0] else run.content
+    return start, picture_stats(run.content, start, grid, run.config, run.model)
 
 
 @app.task(bind=True, base=JobTask, name=TASK_BLEND)

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # number of distinct ones is the submitters' choice: bounded, least recently used evicted first.
 MAX_MODELS = 4
 MAX_WEIGHTS = 2
+# Tiled passes whose shared inputs a worker keeps (a coarse state of a print is hundreds of MB).
+MAX_TILE_PASSES = 2
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -71,6 +73,8 @@ class Resources:
         self._target_cache: TargetCache | None = None
         self._target_cache_made = False
         self._batcher: Batcher[GpuJob, StyleResult] | None = None
+        self._tile_passes: _Lru[tuple[Any, ...], Any] = _Lru(MAX_TILE_PASSES)
+        self._tile_pass_lock = threading.Lock()  # its own: making one takes seconds
 
     @property
     def storage(self) -> Storage:
@@ -123,6 +127,13 @@ class Resources:
                 self._target_cache = open_target_cache(self.settings, self.storage)
                 self._target_cache_made = True
             return self._target_cache
+
+    def tile_pass(self, key: tuple[Any, ...], make: Callable[[], V]) -> V:
+        """What every tile of one pass needs and no tile changes (its start, with the coarse state,
+        and the picture's statistics: tasks/tiles.py), made once per worker and pass rather than
+        once per tile. A second tile of the pass waits for the first's to be made."""
+        with self._tile_pass_lock:
+            return self._tile_passes.get_or_make(key, make)
 
     def batcher(self) -> Batcher[GpuJob, StyleResult]:
         """The GPU thread that runs compatible stylize steps together, started on first use."""

@@ -173,3 +173,37 @@ def test_a_shifted_gram_target_keeps_the_unshifted_scale() -> None:
     shifted = StyleLoss.from_grams(grams, [0.25, 0.75], relative=True, shift=shift)
     assert torch.allclose(shifted.target, plain.target + shift)
     assert torch.equal(shifted.scale, plain.scale)
+
+
+def test_weighted_losses_are_the_weighted_sums_by_hand() -> None:
+    """A tile's terms weigh each position (objective.TileShare): the weighted Gram matrix, moments
+    and content MSE are sums over positions of weight x term over the weights' sum; weights of 1
+    give the plain losses, and a position of weight 0 does not count at all."""
+    torch.manual_seed(1)
+    f, target = torch.randn(1, 3, 4, 5), torch.randn(1, 3, 4, 5)
+    weight = torch.rand(1, 1, 4, 5)
+    flat, w = f[0].reshape(3, 20), weight.reshape(20)
+    expected = sum(w[p] * torch.outer(flat[:, p], flat[:, p]) for p in range(20)) / (3 * w.sum())
+    torch.testing.assert_close(gram_matrix(f, "chw", weight)[0], expected)
+    torch.testing.assert_close(gram_matrix(f, "chw", torch.ones(1, 1, 4, 5)), gram_matrix(f))
+    mean, srm = moments(f, weight)
+    torch.testing.assert_close(mean[0], (flat * w).sum(1) / w.sum())
+    torch.testing.assert_close(srm[0], 3 * expected)  # a second moment is not divided by C
+    loss = ContentLoss(target)(f, weight)[0]
+    torch.testing.assert_close(loss, ((f - target).pow(2) * weight).sum() / (3 * weight.sum()))
+    cut = weight.clone()
+    cut[..., 2:, :] = 0  # only the top half counts: the bottom may be anything
+    other = f.clone()
+    other[..., 2:, :] += 5
+    torch.testing.assert_close(gram_matrix(other, "chw", cut), gram_matrix(f, "chw", cut))
+    with pytest.raises(ValueError, match="per position"):
+        gram_matrix(f, "sqrt_chw", weight)
+
+
+def test_a_content_term_may_be_relative_to_another_mean_square() -> None:
+    """A tile's content term divides by its whole picture's mean square (tiled.PictureStats)."""
+    target, x = torch.randn(1, 4, 3, 5), torch.randn(1, 4, 3, 5)
+    mse = ContentLoss(target)(x)
+    torch.testing.assert_close(ContentLoss(target, relative=True)(x), mse / target.pow(2).mean())
+    torch.testing.assert_close(ContentLoss(target, relative=True, mean_square=2.0)(x), mse / 2.0)
+    assert ContentLoss(target, mean_square=2.0).scale is None  # absolute losses take no scale

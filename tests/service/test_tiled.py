@@ -59,6 +59,7 @@ def test_a_tiled_job_runs_its_tiles_on_every_worker_and_blends_them(fs: Stack) -
     assert [s["size"] for s in meta["steps"]] == [96]  # the coarse scale, untiled
     tiles = meta["tiles"]
     assert sorted(t["tile"] for t in tiles) == list(range(12)) and all(t["iterations_done"] == 6 for t in tiles)
+    assert {t["started_from"] for t in tiles} == {"fresh"}
     assert {t["worker"] for t in tiles} == {w.hostname for w in fs.gpu}  # spread over the fleet
     plan = final_plan(preset("default", **TILED), (256, 170))
     seams = seam_energy(to_tensor(image, torch.device("cpu")), plan)

@@ -133,11 +133,13 @@ def pictures(out: Path, size: int, tile: int, iterations: int) -> dict[str, Any]
 
 GEOMETRIES: tuple[tuple[int, dict[str, Any]], ...] = (
     (160, dict(tile_size=112, tile_overlap=24)),
-    (160, dict(tile_size=96, tile_overlap=24, tile_context=0)),
+    (160, dict(tile_size=112, tile_overlap=24, tile_style="global")),
     (160, dict(tile_size=96, tile_overlap=24)),
-    (160, dict(tile_size=96, tile_overlap=24, tile_style="regional")),
+    (160, dict(tile_size=96, tile_overlap=24, tile_context=0)),
     (256, dict(tile_size=128, tile_overlap=32)),
-    (256, dict(tile_size=128, tile_overlap=32, tile_style="regional")),
+    (256, dict(tile_size=128, tile_overlap=32, tile_style="global")),
+    (256, dict(tile_size=128, tile_overlap=32, tile_passes=2)),
+    (256, dict(tile_size=160, tile_overlap=48)),
 )
 
 

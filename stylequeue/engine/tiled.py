@@ -139,28 +139,29 @@ def style_share(pixels: torch.Tensor, weight: torch.Tensor, config: StyleConfig,
                 model: VGGFeatures) -> dict[str, tuple[torch.Tensor, float]]:
     """Per style layer, the weighted Gram matrix (1, C, C) of a tile's starting ``pixels`` (1, 3,
     h, w) over its region, weighted as its run weighs it, and its weights' sum."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        features = model(pixels.to(device), config.style_layers)
-    out = {}
-    for name in config.style_layers:
-        pooled = pool_weight(weight.to(device), features[name])
-        out[name] = (gram_matrix(features[name], config.gram_norm, pooled), float(pooled.sum()))
-    return out
+    return _shares(pixels, weight, config.style_layers, model,
+                   lambda features, pooled: gram_matrix(features, config.gram_norm, pooled))
 
 
 def content_share(content: torch.Tensor, weight: torch.Tensor, config: StyleConfig,
                   model: VGGFeatures) -> dict[str, tuple[float, float]]:
     """Per content layer, the weighted mean square of a tile's content features over its region
     (``content`` (1, 3, h, w)), and its weights' sum."""
+    return _shares(content, weight, config.content_layers, model,
+                   lambda features, pooled: float((features.float().pow(2) * pooled).sum())
+                   / (features.shape[1] * float(pooled.sum())))
+
+
+def _shares(pixels: torch.Tensor, weight: torch.Tensor, layers: Sequence[str], model: VGGFeatures,
+            measure: Callable[[torch.Tensor, torch.Tensor], Any]) -> dict[str, tuple[Any, float]]:
+    """``measure(features, weights)`` of every layer, and its weights' sum, from one no-grad forward."""
     device = next(model.parameters()).device
     with torch.no_grad():
-        features = model(content.to(device), config.content_layers)
+        features = model(pixels.to(device), layers)
     out = {}
-    for name in config.content_layers:
+    for name in layers:
         pooled = pool_weight(weight.to(device), features[name])
-        mass = float(pooled.sum())
-        out[name] = (float((features[name].float().pow(2) * pooled).sum()) / (features[name].shape[1] * mass), mass)
+        out[name] = (measure(features[name], pooled), float(pooled.sum()))
     return out
 
 

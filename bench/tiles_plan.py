@@ -12,9 +12,11 @@ costs what its tiles' pixels say (overlap included).
 
 A job: the coarse scale on one GPU (untiled, up to the largest size that fits), then the final
 scale's tiles, each a GPU task on any worker (a Celery chord), then a light blend. Each worker
-that runs tiles computes the style targets once (one forward of the style at the whole picture's
-scale; cached per worker). Each tile is optimised inside ``tile_context`` px of picture on every
-side, which its FLOPs include. Transfers (tile PNGs to and from S3) are left out: tens of MB a tile.
+that runs tiles computes, once per pass, the style targets (one forward of the style at the whole
+picture's scale) and the picture's statistics that every tile's objective needs (engine/tiled.py
+``picture_stats``: one no-grad forward of each tile's region to the deepest style layer, and one to
+the content layer). Each tile is optimised inside ``tile_context`` px of picture on every side,
+which its FLOPs include. Transfers (tile PNGs to and from S3) are left out: tens of MB a tile.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Stage:
     name: str
     tflop: float  # per task
     tasks: int
-    once_tflop: float = 0.0  # per worker that runs any of its tasks (the style targets)
+    once_tflop: float = 0.0  # per worker that runs any of its tasks (style targets, picture statistics)
 
 
 def job_stages(config: StyleConfig) -> list[Stage]:
@@ -63,6 +65,9 @@ def job_stages(config: StyleConfig) -> list[Stage]:
         per_tile = config.iterations * engine_iteration_flops(tile.height, tile.width, *layers, net)
         sw, sh = fit_longest((width, height), style_side(config, config.size))
         targets = forward_flops(sh, sw, net.deepest(config.style_layers).name, net)  # once per worker
+        regions = [tile_region(plan, t, config.tile_context) for t in plan.tiles]
+        targets += sum(forward_flops(r.height, r.width, net.deepest(names).name, net)
+                       for r in regions for names in layers)  # picture_stats, once per worker and pass
         stages.append(Stage(f"{len(plan.tiles)} tiles of at most {config.tile_size} px, regions up to {tile.width}x{tile.height}",
                             per_tile / 1e12,
                             len(plan.tiles) * config.tile_passes, targets / 1e12))
@@ -109,7 +114,7 @@ def report(memory_gib: float, tflops: float) -> str:
         "",
         "Reading it: the coarse scale is serial (one GPU), so past a few workers it is what remains;",
         "smaller tiles spread the final scale wider at the price of more overlap (an eighth of a tile",
-        "on each shared side) and of a style target forward per worker.",
+        "on each shared side) and of the style targets and picture statistics each worker makes once per pass.",
         "",
     ]
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 from celery import Celery, chain
 from celery.canvas import Signature
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import ChordError, TimeLimitExceeded
 from celery.result import AsyncResult
 
 from stylequeue.exceptions import JobFailedError, JobSpecError, JobTimeoutError, StyleQueueError
@@ -133,11 +133,11 @@ class JobHandle:
             return JobStatus.SUCCEEDED
         tiles = [AsyncResult(t, app=self.app) for ids in self.tile_ids().values() for t in ids]
         tile_states = [r.state for r in tiles]
+        cancelled = JobControl(self.app).is_cancelled(self.job_id)
         for result, state in zip(results + tiles, states + tile_states):
-            if state == "FAILURE":
+            if state == "FAILURE" and not (cancelled and _echo_of_revoke(result.result)):
                 timed_out = isinstance(result.result, (JobTimeoutError, TimeLimitExceeded))
                 return JobStatus.TIMED_OUT if timed_out else JobStatus.FAILED
-        cancelled = JobControl(self.app).is_cancelled(self.job_id)
         running = [i for i, s in enumerate(states) if s in _RUNNING_STATES]
         # REVOKED without our cancel flag is Celery terminating a task whose broker connection
         # was lost: its message goes back to the queue and runs again, so the job is not over.
@@ -186,7 +186,7 @@ class JobHandle:
     def error(self) -> str | None:
         """Why the job failed or was cancelled, in words; None otherwise."""
         for result in self._results():
-            if result.state == "FAILURE":
+            if result.state == "FAILURE" and not _echo_of_revoke(result.result):
                 exc = result.result
                 return f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
             if result.state == "REVOKED":
@@ -243,6 +243,12 @@ class JobHandle:
         """Ask the job to stop: a queued task is dropped, a running optimisation stops within
         about half a second; the job ends CANCELLED and publishes nothing."""
         JobControl(self.app).request_cancel(self.job_id)
+
+
+def _echo_of_revoke(error: Any) -> bool:
+    """A tiled pass's chord fails with ChordError when one of its tiles was revoked: after a cancel,
+    that is the cancel itself (the tiles stop, so the chord's body never runs), not a failure."""
+    return isinstance(error, ChordError) and "TaskRevokedError" in str(error)
 
 
 def submit(spec: JobSpec | Mapping[str, Any] | str | bytes, *, app: Celery | None = None,

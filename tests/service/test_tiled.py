@@ -11,6 +11,7 @@ from typing import Iterator
 
 import pytest
 import torch
+from celery.exceptions import ChordError
 from PIL import Image
 
 from stylequeue.engine import preset
@@ -93,6 +94,28 @@ def test_cancel_stops_every_tile(fs: Stack) -> None:
     time.sleep(3)  # nothing runs on: no tile writes anything more, nothing is published
     assert len(fs.all_versions(f"stylequeue/jobs/{job.job_id}/work/tiles/")) == written
     assert not fs.keys(f"stylequeue/jobs/{job.job_id}/result.json")
+
+
+def test_a_pass_whose_chord_fails_on_a_cancelled_tile_is_cancelled(fs: Stack) -> None:
+    """When every tile of a cancelled pass has stopped, Celery may fail the pass's chord with
+    "dependency ... raised TaskRevokedError" (seen in CI after the job had read as cancelled):
+    that echo of the cancel must not turn the job FAILED. The states as the result backend (real
+    Redis) holds them at that moment; the same chord error without a cancel is a failure."""
+    from stylequeue.scheduler.jobs import JobHandle, task_ids
+
+    job_id = f"echo-{time.time_ns()}"
+    ids = task_ids(job_id, 1, 1)
+    job = JobHandle(job_id, fs.app, ids, "s3://b/result.png", "s3://b/result.json")
+    for done in ids[:2]:
+        fs.app.backend.mark_as_done(done, {"job_id": job_id})
+    tile = f"{job_id}.tile.0.0"
+    echo = ChordError(f"Dependency {tile} raised TaskRevokedError('cancelled by its producer')")
+    fs.app.backend.mark_as_failure(ids[2], echo)
+    assert job.status() is JobStatus.FAILED  # not cancelled: a chord error is a failure
+    JobControl(fs.app).request_cancel(job_id)
+    assert job.status() is JobStatus.CANCELLED and job.error() is None
+    fs.app.backend.mark_as_failure(ids[2], ChordError(f"Dependency {tile} raised ValueError('bad')"))
+    assert job.status() is JobStatus.FAILED and "ValueError" in job.error()
 
 
 def test_a_tile_whose_worker_dies_resumes_from_its_own_checkpoint(fs: Stack) -> None:
